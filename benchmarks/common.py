@@ -1,0 +1,65 @@
+"""Shared benchmark plumbing: machine description, JSON + Markdown output."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdretrieval import __version__
+from cdretrieval.io import atomic_write_json, atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cdretrieval": __version__,
+    }
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    return info
+
+
+def write_outputs(name: str, payload: dict[str, Any], table: str, out_dir: Path | None = None) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` (the table) under ``out_dir``; print the table."""
+    folder = out_dir or RESULTS
+    payload = {"benchmark": name, "created": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": machine(),
+               **payload}
+    atomic_write_json(folder / f"{name}.json", payload)
+    atomic_write_text(folder / f"{name}.md", table + "\n")
+    print(table)
+    print(f"\nwrote {folder / (name + '.json')}")
+    return folder / f"{name}.json"
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table; floats with 3 decimals."""
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2)

@@ -1,0 +1,231 @@
+"""Run configuration: dataclasses with the papers' defaults, YAML in and out.
+
+Every loss is a named term with a weight and a start epoch (PCS style), so an ablation is a config:
+``losses.terms.instance.weight: 0`` switches CDS instance discrimination off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from cdretrieval.io import atomic_write_text
+
+#: Loss terms the trainer knows (see ``cdretrieval.losses``).
+LOSS_TERMS: tuple[str, ...] = ("instance", "cross_instance", "proto", "cross_proto", "mim")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are turned into tensors."""
+
+    root: str = ""
+    domains: list[str] = field(default_factory=list)  # empty → every domain folder under root
+    split: str | None = None  # None → all images; else <domain>_<split>.txt lists
+    image_size: int = 128  # CPU-friendly default; multiple of 32
+    aug_strength: float = 1.0  # photometric augmentation strength (0 = none, 1 = MoCo v2)
+    min_scale: float = 0.35  # RandomResizedCrop smallest area
+    hflip: float = 0.5
+    blur: float = 0.3
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Encoder = backbone + projection head; which feature is indexed."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"  # default (offline for Lite0) | imagenet | none | path to a state dict
+    hidden_dim: int = 1024
+    dim: int = 256
+    index_feature: Literal["head", "backbone"] = "head"
+
+
+@dataclass
+class LossTerm:
+    """One named loss term: ``weight × loss`` from ``start_epoch`` on (0-based)."""
+
+    weight: float = 1.0
+    start_epoch: int = 0
+
+
+def _default_terms() -> dict[str, LossTerm]:
+    return {
+        "instance": LossTerm(1.0, 0),  # CDS in-domain instance discrimination (eq. 1)
+        "cross_instance": LossTerm(0.5, 1),  # CDS cross-domain entropy over the other banks (eq. 2-3)
+        "proto": LossTerm(1.0, 1),  # PCS in-domain prototypical contrastive
+        "cross_proto": LossTerm(1.0, 1),  # PCS cross-domain instance–prototype entropy
+        "mim": LossTerm(1.0, 1),  # PCS mutual-information maximisation (its own inner weights below)
+    }
+
+
+@dataclass
+class LossConfig:
+    """Loss terms and their hyper-parameters (DESIGN.md §2; paper defaults)."""
+
+    terms: dict[str, LossTerm] = field(default_factory=_default_terms)
+    temperature: float = 0.1  # τ for instance and cross-domain softmaxes
+    cross_topk: int | None = None  # CDS official code keeps the top-k (700) logits; None = all
+    bank_momentum: float = 0.5  # V[i] ← normalise(m·V[i] + (1−m)·f_i)
+    clustering: Literal["kmeans", "sinkhorn"] = "kmeans"
+    num_clusters: list[int] = field(default_factory=list)  # empty → label-free rule, see cluster_counts()
+    cluster_runs: int = 1  # k-means runs (seeds) per k
+    kmeans_iters: int = 20
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    sinkhorn_marginal: Literal["uniform", "kmeans"] = "uniform"
+    mim_entropy_weight: float = 0.05  # per-sample entropy (down)
+    mim_diversity_weight: float = 0.5  # marginal entropy (up)
+    mim_momentum: float = 0.9  # running mean of the marginal
+    domain_pairing: Literal["all_others", "pairs"] = "all_others"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run mechanics."""
+
+    mode: Literal["auto", "frozen", "finetune"] = "auto"  # auto: finetune on CUDA, frozen on CPU
+    cached_views: int = 4  # frozen mode: augmented views cached per image (plus one clean view)
+    epochs: int = 30
+    batch_size: int = 64  # per domain per step
+    steps_per_epoch: int | None = None  # None → largest domain / batch_size
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1  # finetune: backbone lr = lr × this
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    checkpoint_every: int = 1  # epochs
+    log_every: int = 20  # steps
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, data, "config")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RunConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a mapping at the top level")
+        cfg = cls.from_dict(data)
+        validate(cfg)
+        return cfg
+
+
+T = TypeVar("T")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values that types cannot; raise ``ValueError`` naming the bad one."""
+    unknown = set(cfg.losses.terms) - set(LOSS_TERMS)
+    if unknown:
+        raise ValueError(f"losses.terms: unknown term(s) {sorted(unknown)}; known: {', '.join(LOSS_TERMS)}")
+    for name, term in cfg.losses.terms.items():
+        if term.weight < 0 or term.start_epoch < 0:
+            raise ValueError(f"losses.terms.{name}: weight and start_epoch must be ≥ 0, got {term}")
+    if cfg.data.image_size < 32 or cfg.data.image_size % 32:
+        raise ValueError(f"data.image_size must be a multiple of 32, got {cfg.data.image_size}")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 2:
+        raise ValueError(f"train.epochs ≥ 1 and train.batch_size ≥ 2 required, got {cfg.train}")
+    if not 0.0 <= cfg.losses.bank_momentum < 1.0:
+        raise ValueError(f"losses.bank_momentum must be in [0, 1), got {cfg.losses.bank_momentum}")
+    if cfg.losses.temperature <= 0:
+        raise ValueError(f"losses.temperature must be > 0, got {cfg.losses.temperature}")
+    if any(k < 2 for k in cfg.losses.num_clusters):
+        raise ValueError(f"losses.num_clusters must all be ≥ 2, got {cfg.losses.num_clusters}")
+    if cfg.train.cached_views < 1:
+        raise ValueError(f"train.cached_views must be ≥ 1, got {cfg.train.cached_views}")
+
+
+def cluster_counts(cfg: LossConfig, domain_sizes: list[int]) -> list[int]:
+    """The k values to cluster each domain with (each run ``cluster_runs`` times).
+
+    Given ``num_clusters`` they are used as is (clipped to the smallest domain). Otherwise a label-free
+    rule: K = clip(round(√N_min / 2), 4, 200) and k ∈ {K, 2K} — a few times more clusters than a small
+    benchmark's classes (PACS: 7) and fewer than large ones (DomainNet: 345), over-clustering being the
+    safe side for prototypical contrastive learning (PCL uses k ≫ #classes).
+    """
+    n_min = min(domain_sizes)
+    if cfg.num_clusters:
+        ks = cfg.num_clusters
+    else:
+        base = int(min(200, max(4, round(math.sqrt(n_min) / 2))))
+        ks = [base, 2 * base]
+    return sorted({max(2, min(k, n_min)) for k in ks})

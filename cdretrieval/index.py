@@ -1,0 +1,818 @@
+"""Per-domain FAISS indexes over L2-normalised embeddings, with an item table and a manifest.
+
+One :class:`DomainIndex` holds the images of one visual domain; an :class:`IndexSet` is a folder with one
+``DomainIndex`` sub-folder per domain. Vectors are L2-normalised float32 and compared by inner product,
+so every score is a cosine similarity in [-1, 1].
+
+Folder layout of a saved ``DomainIndex`` (each file written atomically, the manifest last, so a folder
+that has a ``manifest.json`` is complete)::
+
+    index.faiss     faiss.serialize_index of the CPU index
+    items.jsonl     one JSON object per vector, in id order: path, domain, label, width, height
+    manifest.json   format_version, model_hash, dim, metric, index_type, count, domain, created,
+                    faiss_version, params (nlist, nprobe, ...), files (size + sha256 of the two above)
+
+GPU: when FAISS sees a GPU (``faiss.get_num_gpus() > 0``, i.e. the faiss-gpu build on a CUDA machine) and
+``use_gpu`` allows it, searches run on a GPU copy (sharded over all GPUs when there are several); the CPU
+index stays the source of truth and is what gets saved. With faiss-cpu nothing GPU-related is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+from cdretrieval.errors import DataError, IndexFileError, IndexMismatchError, QueryError
+from cdretrieval.io import atomic_write_bytes, atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+UseGpu = bool | Literal["auto"]
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.jsonl"
+MANIFEST_FILE = "manifest.json"
+INDEX_SET_FILE = "indexset.json"
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+
+AUTO_FLAT_MAX = 50_000  # "auto": exact search up to this many vectors (a 1k-query search stays ~0.1 s)
+AUTO_HNSW_MAX = 1_000_000  # "auto": beyond this HNSW builds too slowly on CPU; IVF trains and adds fast
+PQ_NBITS = 8  # bits per PQ sub-code: 256 centroids per sub-quantizer
+MIN_IVF_POINTS_PER_LIST = 39  # FAISS's own minimum of training points per k-means centroid
+DEFAULT_EF_SEARCH = 128
+DEFAULT_EF_CONSTRUCTION = 128
+GPU_MAX_K = 1024  # FAISS GPU k-selection limit (2048 on recent builds); larger k searches on CPU
+
+_REBUILD_HINT = "rebuild it with `cdretrieval index --run RUN_DIR ...`"
+
+
+@dataclass
+class Item:
+    """One indexed image: where it is, its domain and, when known, its class label and size in pixels."""
+
+    path: str
+    domain: str
+    label: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise DataError(f"Item.path must be a non-empty string, got {self.path!r}")
+        if not isinstance(self.domain, str) or not self.domain:
+            raise DataError(f"Item.domain must be a non-empty string, got {self.domain!r} (path {self.path})")
+        if self.label is not None and not isinstance(self.label, str):
+            raise DataError(f"Item.label must be a string or None, got {self.label!r} (path {self.path})")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise DataError(f"Item.{name} must be a positive int or None, got {v!r} (path {self.path})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Item:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (forward compatibility)."""
+        if not isinstance(d, Mapping) or "path" not in d or "domain" not in d:
+            raise DataError(f"an item needs at least 'path' and 'domain', got {d!r}")
+        return cls(
+            path=d["path"],
+            domain=d["domain"],
+            label=d.get("label"),
+            width=d.get("width"),
+            height=d.get("height"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Array view of ``x``; a torch tensor (any device) is detached and copied to host first."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _normalised_rows(
+    x: Any, name: str, error: type[ValueError], expected_dim: int | None = None, allow_1d: bool = False
+) -> np.ndarray:
+    """Validate ``x`` as [N, D] finite non-zero vectors and return them L2-normalised, float32, C-contiguous.
+
+    Raises ``error`` (the caller's exception class) naming ``name`` and the bad shape or row.
+    """
+    a = _to_numpy(x)
+    if allow_1d and a.ndim == 1:
+        a = a[None, :]  # one query [D] -> [1, D]
+    if a.ndim != 2:
+        raise error(f"{name} must be 2-D [N, D], got shape {a.shape}")
+    if expected_dim is not None and a.shape[1] != expected_dim:
+        raise error(f"{name} have dim {a.shape[1]}, but the index has dim {expected_dim}")
+    if a.shape[1] == 0:
+        raise error(f"{name} have dimension 0 (shape {a.shape})")
+    try:
+        a64 = a.astype(np.float64)  # norms in float64: no overflow for large float32 values
+    except (TypeError, ValueError) as e:
+        raise error(f"{name} must be numeric, got dtype {a.dtype}") from e
+    if not np.isfinite(a64).all():
+        bad = int(np.flatnonzero(~np.isfinite(a64).all(axis=1))[0])
+        raise error(f"{name} row {bad} contains NaN or infinite values")
+    norms = np.linalg.norm(a64, axis=1, keepdims=True)  # [N, 1]
+    if (norms == 0).any():
+        bad = int(np.flatnonzero(norms[:, 0] == 0)[0])
+        raise error(f"{name} row {bad} is all zeros and cannot be L2-normalised")
+    return np.ascontiguousarray(a64 / norms, dtype=np.float32)
+
+
+def _check_items(items: Sequence[Item], n: int, domain: str) -> list[Item]:
+    """``items`` as a list of ``n`` :class:`Item` of ``domain``."""
+    items = list(items)
+    if len(items) != n:
+        raise DataError(f"got {n} embeddings but {len(items)} items for domain {domain!r}; need one per row")
+    for i, it in enumerate(items):
+        if not isinstance(it, Item):
+            raise DataError(f"items[{i}] must be an Item, got {type(it).__name__}")
+        if it.domain != domain:
+            raise DataError(f"items[{i}] ({it.path}) has domain {it.domain!r}, the index is for {domain!r}")
+    return items
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1, else ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_use_gpu(use_gpu: Any) -> UseGpu:
+    """``use_gpu`` checked: exactly True, False or "auto"."""
+    if isinstance(use_gpu, bool):
+        return use_gpu
+    if isinstance(use_gpu, str) and use_gpu == "auto":
+        return "auto"
+    raise ValueError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Index type choice and parameters
+
+
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` vectors: about 4·√n, but at most n // 39 so every list trains on ≥ 39 points."""
+    return max(1, min(round(4 * math.sqrt(n)), n // MIN_IVF_POINTS_PER_LIST))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists visited per query: 2·√nlist, at least 16 (or all lists when there are fewer)."""
+    return min(nlist, max(16, math.ceil(2 * math.sqrt(nlist))))
+
+
+def default_pq_m(dim: int) -> int:
+    """PQ sub-quantizers: the largest divisor of ``dim`` up to min(64, dim // 4) (≥ 4 dims per sub-vector).
+
+    With 8-bit codes that stores ``m`` bytes per vector instead of ``4·dim`` (16× smaller for dim ≤ 256).
+    """
+    cap = max(1, min(64, dim // 4))
+    return max(m for m in range(1, cap + 1) if dim % m == 0)
+
+
+def estimate_index_mb(
+    index_type: str, n: int, dim: int, *, hnsw_m: int = 32, pq_m: int | None = None
+) -> float:
+    """Rough resident size in MiB of an index of ``n`` vectors of ``dim`` float32 (used by the auto rule).
+
+    flat: 4·dim bytes per vector; ivf: + 8-byte id; hnsw: + ~2·M 4-byte graph links; ivfpq: pq_m code bytes +
+    8-byte id, plus coarse centroids and PQ codebooks.
+    """
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown index_type {index_type!r}; choose one of {INDEX_TYPES} or 'auto'")
+    vec = 4 * dim
+    if index_type == "flat":
+        total = n * vec
+    elif index_type == "ivf":
+        total = n * (vec + 8) + default_nlist(n) * vec
+    elif index_type == "hnsw":
+        total = n * (vec + 8 * hnsw_m + 16)
+    else:
+        m = pq_m or default_pq_m(dim)
+        total = n * (m + 8) + default_nlist(n) * vec + (2**PQ_NBITS) * vec
+    return total / 2**20
+
+
+def choose_index_type(
+    n: int, dim: int, memory_budget_mb: float | None = None, *, hnsw_m: int = 32, pq_m: int | None = None
+) -> str:
+    """The index type ``index_type="auto"`` builds for ``n`` vectors of ``dim`` under a memory budget.
+
+    Rule (first match wins; "fits" = :func:`estimate_index_mb` ≤ ``memory_budget_mb``, always true for None):
+
+    1. ``n ≤ 50,000`` and flat fits → ``"flat"`` (exact, and fast enough at this size).
+    2. ``n ≤ 1,000,000`` and hnsw fits → ``"hnsw"`` (best recall/speed; graph costs ~8·M bytes/vector).
+    3. ivf fits (≈ flat size) → ``"ivf"`` (fast to train and to add to at any size).
+    4. ``n ≥ 256`` (PQ codebooks must train) and ivfpq fits → ``"ivfpq"`` (compressed; lower recall).
+    5. otherwise ``ValueError`` naming the smallest estimate.
+    """
+    n = _check_positive_int(n, "n")
+    dim = _check_positive_int(dim, "dim")
+    if memory_budget_mb is not None and not memory_budget_mb > 0:
+        raise ValueError(f"memory_budget_mb must be positive or None, got {memory_budget_mb!r}")
+    budget = math.inf if memory_budget_mb is None else float(memory_budget_mb)
+
+    def fits(kind: str) -> bool:
+        return estimate_index_mb(kind, n, dim, hnsw_m=hnsw_m, pq_m=pq_m) <= budget
+
+    if n <= AUTO_FLAT_MAX and fits("flat"):
+        return "flat"
+    if n <= AUTO_HNSW_MAX and fits("hnsw"):
+        return "hnsw"
+    if fits("ivf"):
+        return "ivf"
+    if n >= 2**PQ_NBITS and fits("ivfpq"):
+        return "ivfpq"
+    smallest = estimate_index_mb("ivfpq" if n >= 2**PQ_NBITS else "flat", n, dim, hnsw_m=hnsw_m, pq_m=pq_m)
+    raise ValueError(
+        f"no index type fits memory_budget_mb={memory_budget_mb} for {n} vectors of dim {dim} "
+        f"(smallest needs ~{smallest:.3g} MiB)"
+    )
+
+
+def _make_index(
+    index_type: str,
+    n: int,
+    dim: int,
+    domain: str,
+    *,
+    nlist: int | None,
+    nprobe: int | None,
+    hnsw_m: int,
+    ef_search: int | None,
+    ef_construction: int | None,
+    pq_m: int | None,
+) -> tuple[faiss.Index, dict[str, int]]:
+    """An untrained empty FAISS index of ``index_type`` for ``n`` training vectors, and its parameters.
+
+    Approximate types never fall back silently: when the data is too small to train what was asked for,
+    this raises ``DataError`` saying so (the default ``nlist`` shrinks with ``n`` instead, see
+    :func:`default_nlist`; "auto" only picks a type it can train).
+    """
+    ip = faiss.METRIC_INNER_PRODUCT
+    if index_type == "flat":
+        return faiss.IndexFlatIP(dim), {}
+    if index_type == "hnsw":
+        m = _check_positive_int(hnsw_m, "hnsw_m")
+        ef_s = _check_positive_int(ef_search or DEFAULT_EF_SEARCH, "ef_search")
+        ef_c = _check_positive_int(ef_construction or DEFAULT_EF_CONSTRUCTION, "ef_construction")
+        index = faiss.IndexHNSWFlat(dim, m, ip)
+        index.hnsw.efConstruction = ef_c
+        index.hnsw.efSearch = ef_s
+        return index, {"hnsw_m": m, "ef_search": ef_s, "ef_construction": ef_c}
+    if index_type not in ("ivf", "ivfpq"):
+        raise ValueError(f"unknown index_type {index_type!r}; choose one of {INDEX_TYPES} or 'auto'")
+
+    lists = default_nlist(n) if nlist is None else _check_positive_int(nlist, "nlist")
+    if lists > n:
+        raise DataError(
+            f"{index_type} with nlist={lists} needs at least {lists} training vectors, domain {domain!r} "
+            f"has {n}; use a smaller nlist or index_type='flat'"
+        )
+    probe = default_nprobe(lists) if nprobe is None else _check_positive_int(nprobe, "nprobe")
+    if probe > lists:
+        raise ValueError(f"nprobe={probe} exceeds nlist={lists}")
+    quantizer = faiss.IndexFlatIP(dim)
+    params = {"nlist": lists, "nprobe": probe}
+    ivf: faiss.IndexIVF
+    if index_type == "ivf":
+        ivf = faiss.IndexIVFFlat(quantizer, dim, lists, ip)
+    else:
+        m = default_pq_m(dim) if pq_m is None else _check_positive_int(pq_m, "pq_m")
+        if dim % m:
+            raise ValueError(f"pq_m={m} must divide the embedding dim {dim}")
+        if n < 2**PQ_NBITS:
+            raise DataError(
+                f"ivfpq needs at least {2**PQ_NBITS} training vectors ({PQ_NBITS}-bit codes), "
+                f"domain {domain!r} has {n}; use index_type='flat'"
+            )
+        ivf = faiss.IndexIVFPQ(quantizer, dim, lists, m, PQ_NBITS, ip)
+        params.update(pq_m=m, pq_nbits=PQ_NBITS)
+    ivf.nprobe = probe
+    # The quantizer stays alive: FAISS's Python constructor keeps a reference to it on the index.
+    return ivf, params
+
+
+def _apply_search_params(index: faiss.Index, params: Mapping[str, Any]) -> None:
+    """Set nprobe / efSearch from the manifest (FAISS stores them too; the manifest is authoritative)."""
+    space = faiss.ParameterSpace()
+    if "nprobe" in params:
+        space.set_index_parameter(index, "nprobe", int(params["nprobe"]))
+    if "ef_search" in params:
+        space.set_index_parameter(index, "efSearch", int(params["ef_search"]))
+
+
+def _num_gpus() -> int:
+    """GPUs FAISS can use: 0 on faiss-cpu builds (which may lack the symbol altogether)."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def _gpu_copy(index: faiss.Index, index_type: str, use_gpu: UseGpu) -> faiss.Index | None:
+    """A GPU copy of ``index`` for searching (sharded over all GPUs when > 1), or None to search on CPU."""
+    if use_gpu is False:
+        return None
+    ngpu = _num_gpus()
+    if ngpu == 0:
+        if use_gpu is True:
+            warnings.warn("use_gpu=True but FAISS sees no GPU (CPU build or no device); searching on CPU",
+                          stacklevel=3)
+        return None
+    if index_type == "hnsw":
+        logger.info("FAISS has no GPU HNSW; searching the hnsw index on CPU")
+        return None
+    try:
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = ngpu > 1  # split the vectors over the GPUs rather than replicating them
+        options.useFloat16 = index_type == "ivfpq"  # float16 lookup tables: larger pq_m fits shared memory
+        return faiss.index_cpu_to_all_gpus(index, co=options, ngpu=ngpu)
+    except Exception as e:  # best effort: any GPU failure leaves the (correct) CPU index in charge
+        logger.warning("could not move the %s index to GPU (%s); searching on CPU", index_type, e)
+        return None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class DomainIndex:
+    """A FAISS index of one domain's L2-normalised embeddings, its item table and its manifest.
+
+    Row ``i`` of the index is ``items[i]``. Build with :meth:`build`, or :meth:`load` a saved folder.
+    """
+
+    def __init__(
+        self, index: faiss.Index, items: Sequence[Item], manifest: Mapping[str, Any], use_gpu: UseGpu = "auto"
+    ) -> None:
+        self.index = index  # CPU index: source of truth, what gets saved
+        self.items: list[Item] = list(items)
+        self.manifest: dict[str, Any] = dict(manifest)
+        assert index.ntotal == len(self.items) == self.manifest["count"], "index/items/manifest out of sync"
+        assert index.d == self.manifest["dim"]
+        self._use_gpu = _check_use_gpu(use_gpu)
+        self._gpu_index = _gpu_copy(index, self.index_type, self._use_gpu)
+
+    # -- properties -----------------------------------------------------------------------------------
+    @property
+    def domain(self) -> str:
+        return str(self.manifest["domain"])
+
+    @property
+    def model_hash(self) -> str:
+        return str(self.manifest["model_hash"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def index_type(self) -> str:
+        return str(self.manifest["index_type"])
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on a GPU copy."""
+        return self._gpu_index is not None
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def __repr__(self) -> str:
+        return (
+            f"DomainIndex(domain={self.domain!r}, count={len(self)}, dim={self.dim}, "
+            f"type={self.index_type!r}, gpu={self.on_gpu})"
+        )
+
+    # -- building -------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        embeddings: Any,
+        items: Sequence[Item],
+        domain: str,
+        model_hash: str,
+        index_type: str = "flat",
+        *,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        hnsw_m: int = 32,
+        ef_search: int | None = None,
+        ef_construction: int | None = None,
+        pq_m: int | None = None,
+        memory_budget_mb: float | None = None,
+        use_gpu: UseGpu = "auto",
+    ) -> DomainIndex:
+        """Index ``embeddings`` [N, D] (L2-normalised here) of ``domain``, one :class:`Item` per row.
+
+        Args:
+            index_type: "flat" (exact, default), "ivf", "hnsw", "ivfpq" or "auto" (see
+                :func:`choose_index_type`).
+            nlist, nprobe: IVF lists (default :func:`default_nlist`) and lists probed per query
+                (default :func:`default_nprobe`); IVF types are trained on ``embeddings`` themselves.
+            hnsw_m, ef_search, ef_construction: HNSW graph degree and beam widths (defaults 32, 128, 128).
+            pq_m: PQ sub-quantizers for "ivfpq" (default :func:`default_pq_m`), 8 bits each.
+            memory_budget_mb: budget for "auto" (None = unlimited).
+            use_gpu: "auto"/True search on GPU when FAISS has one; False never.
+
+        Raises:
+            DataError: no embeddings (empty domain), non-finite or zero rows, items that don't match, or too
+                few vectors to train the requested approximate type (no silent fallback).
+            ValueError: unknown ``index_type`` or bad parameter.
+        """
+        if not isinstance(domain, str) or not domain:
+            raise DataError(f"domain must be a non-empty string, got {domain!r}")
+        if not isinstance(model_hash, str) or not model_hash:
+            raise DataError(f"model_hash must be a non-empty string, got {model_hash!r}")
+        x = _to_numpy(embeddings)
+        if x.size == 0 and x.ndim <= 2:
+            raise DataError(
+                f"domain {domain!r} has no embeddings to index (shape {x.shape}); is its image folder empty?"
+            )
+        x = _normalised_rows(x, f"embeddings of domain {domain!r}", DataError)  # [N, D] unit rows
+        n, dim = x.shape
+        items = _check_items(items, n, domain)
+
+        requested = index_type
+        if index_type == "auto":
+            index_type = choose_index_type(n, dim, memory_budget_mb, hnsw_m=hnsw_m, pq_m=pq_m)
+        index, params = _make_index(
+            index_type, n, dim, domain, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
+            ef_construction=ef_construction, pq_m=pq_m,
+        )
+        if not index.is_trained:
+            index.train(x)  # k-means (coarse lists, PQ codebooks) on the domain's own vectors
+        index.add(x)
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model_hash": model_hash,
+            "dim": int(dim),
+            "metric": "inner_product",
+            "normalized": True,
+            "index_type": index_type,
+            "requested_index_type": requested,
+            "count": int(index.ntotal),
+            "domain": domain,
+            "created": _now_iso(),
+            "faiss_version": faiss.__version__,
+            "params": params,
+        }
+        return cls(index, items, manifest, use_gpu=use_gpu)
+
+    def add(self, embeddings: Any, items: Sequence[Item]) -> None:
+        """Append ``embeddings`` [M, D] and their items without rebuilding (IVF types keep their training).
+
+        New rows get ids ``len(self) .. len(self) + M - 1``. An empty [0, D] batch is a no-op.
+        """
+        x = _to_numpy(embeddings)
+        if x.ndim == 2 and x.shape[0] == 0 and len(items) == 0:
+            return
+        x = _normalised_rows(x, "added embeddings", DataError, expected_dim=self.dim)
+        new_items = _check_items(items, x.shape[0], self.domain)
+        self.index.add(x)
+        self.items.extend(new_items)
+        self.manifest["count"] = int(self.index.ntotal)
+        self.manifest["updated"] = _now_iso()
+        if self._gpu_index is not None:
+            self._gpu_index = _gpu_copy(self.index, self.index_type, self._use_gpu)  # refresh the GPU copy
+
+    # -- searching ------------------------------------------------------------------------------------
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items for each query by cosine similarity (queries are L2-normalised here).
+
+        Args:
+            queries: [Q, D] (or one [D] query).
+            k: results per query, ≥ 1; k > N gives N.
+
+        Returns:
+            ``(scores, ids)``, [Q, k'] float32 and int64 with ``k' = min(k, N)``, best first. Approximate
+            types may find fewer than k' neighbours: missing slots have id -1 and score -inf.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise QueryError(f"k must be a positive integer, got {k!r}")
+        q = _normalised_rows(queries, "queries", QueryError, expected_dim=self.dim, allow_1d=True)  # [Q, D]
+        k_eff = min(int(k), len(self))
+        if q.shape[0] == 0:
+            return np.empty((0, k_eff), np.float32), np.empty((0, k_eff), np.int64)
+        index = self._gpu_index if self._gpu_index is not None and k_eff <= GPU_MAX_K else self.index
+        scores, ids = index.search(q, k_eff)  # [Q, k'] each
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        return scores, ids.astype(np.int64)
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the index folder (see module docstring); returns its path. Overwrites a previous save."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Remove the old manifest first: while rewriting, the folder must not look complete.
+        (folder / MANIFEST_FILE).unlink(missing_ok=True)
+        index_bytes = faiss.serialize_index(self.index).tobytes()  # CPU index, never the GPU copy
+        lines = (json.dumps(it.to_dict(), ensure_ascii=False) + "\n" for it in self.items)
+        items_bytes = "".join(lines).encode("utf-8")
+        atomic_write_bytes(folder / INDEX_FILE, index_bytes)
+        atomic_write_bytes(folder / ITEMS_FILE, items_bytes)
+        manifest = dict(self.manifest)
+        manifest["count"] = len(self)
+        manifest["files"] = {
+            INDEX_FILE: {"bytes": len(index_bytes), "sha256": _sha256(index_bytes)},
+            ITEMS_FILE: {"bytes": len(items_bytes), "sha256": _sha256(items_bytes)},
+        }
+        atomic_write_json(folder / MANIFEST_FILE, manifest)  # last: marks the folder complete
+        self.manifest = manifest
+        return folder
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        expected_model_hash: str | None = None,
+        expected_dim: int | None = None,
+        *,
+        use_gpu: UseGpu = "auto",
+        verify_checksums: bool = True,
+    ) -> DomainIndex:
+        """Load a folder written by :meth:`save`.
+
+        Raises:
+            IndexMismatchError: built with another model hash or dim than expected.
+            IndexFileError: folder/manifest/file missing, unknown format_version, checksum or count mismatch,
+                unreadable index or item table.
+        """
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST_FILE
+        if not folder.is_dir():
+            raise IndexFileError(
+                f"no index folder at {folder}; build one with `cdretrieval index --run RUN_DIR ...`"
+            )
+        if not manifest_path.is_file():
+            raise IndexFileError(
+                f"{folder} has no {MANIFEST_FILE}: the index is missing or its save did not finish; "
+                f"{_REBUILD_HINT}"
+            )
+        try:
+            manifest = read_json(manifest_path)
+        except (OSError, ValueError) as e:
+            raise IndexFileError(f"cannot read {manifest_path}: {e}; {_REBUILD_HINT}") from e
+        if not isinstance(manifest, dict):
+            raise IndexFileError(f"{manifest_path} is not a JSON object; {_REBUILD_HINT}")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexFileError(
+                f"{manifest_path} has format_version {version!r}; this cdretrieval reads version "
+                f"{FORMAT_VERSION}; {_REBUILD_HINT}"
+            )
+        required = ("model_hash", "dim", "metric", "index_type", "count", "domain", "files")
+        missing = [key for key in required if key not in manifest]
+        if missing:
+            raise IndexFileError(f"{manifest_path} lacks {missing}; {_REBUILD_HINT}")
+        if manifest["metric"] != "inner_product":
+            raise IndexFileError(f"{manifest_path}: metric {manifest['metric']!r} is not 'inner_product'")
+        if expected_model_hash is not None and manifest["model_hash"] != expected_model_hash:
+            raise IndexMismatchError(
+                f"index at {folder} was built with model {manifest['model_hash']!r}, but the model in use is "
+                f"{expected_model_hash!r}; {_REBUILD_HINT}"
+            )
+        if expected_dim is not None and manifest["dim"] != expected_dim:
+            raise IndexMismatchError(
+                f"index at {folder} holds {manifest['dim']}-d embeddings, but the model gives "
+                f"{expected_dim}-d; {_REBUILD_HINT}"
+            )
+
+        blobs = {
+            name: _read_checked(folder, name, manifest, verify_checksums) for name in (INDEX_FILE, ITEMS_FILE)
+        }
+        try:
+            index = faiss.deserialize_index(np.frombuffer(blobs[INDEX_FILE], dtype=np.uint8))
+        except RuntimeError as e:
+            raise IndexFileError(
+                f"{folder / INDEX_FILE} is not a readable FAISS index ({e}); {_REBUILD_HINT}"
+            ) from e
+        items = _parse_items(blobs[ITEMS_FILE], folder / ITEMS_FILE)
+
+        count = manifest["count"]
+        if not (index.ntotal == len(items) == count):
+            raise IndexFileError(
+                f"{folder}: index has {index.ntotal} vectors, {ITEMS_FILE} {len(items)} items, "
+                f"manifest count {count}; they must agree; {_REBUILD_HINT}"
+            )
+        if index.d != manifest["dim"] or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise IndexFileError(
+                f"{folder / INDEX_FILE}: dim {index.d} / metric {index.metric_type} do not match the "
+                f"manifest (dim {manifest['dim']}, inner product); {_REBUILD_HINT}"
+            )
+        _apply_search_params(index, manifest.get("params", {}))
+        return cls(index, items, manifest, use_gpu=use_gpu)
+
+
+def _read_checked(folder: Path, name: str, manifest: Mapping[str, Any], verify: bool) -> bytes:
+    """Bytes of ``folder/name``, checked against the manifest's recorded size (and sha256 if ``verify``)."""
+    path = folder / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise IndexFileError(f"{path} is missing; the index folder is incomplete; {_REBUILD_HINT}") from e
+    expected = manifest["files"].get(name) if isinstance(manifest["files"], dict) else None
+    if not isinstance(expected, dict):
+        raise IndexFileError(f"{folder / MANIFEST_FILE} records no size/checksum for {name}; {_REBUILD_HINT}")
+    if len(data) != expected.get("bytes") or (verify and _sha256(data) != expected.get("sha256")):
+        raise IndexFileError(
+            f"{path} is corrupt or was replaced ({len(data)} bytes, checksum differs from the manifest); "
+            f"{_REBUILD_HINT}"
+        )
+    return data
+
+
+def _parse_items(data: bytes, path: Path) -> list[Item]:
+    """Items from JSON-lines bytes; errors name the file and line."""
+    items = []
+    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(Item.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, DataError) as e:
+            raise IndexFileError(f"{path}:{lineno}: not a valid item ({e})") from e
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def safe_domain_name(domain: str) -> str:
+    """Folder name for ``domain``: itself when it is plain ``[A-Za-z0-9_-]``, else a cleaned name + hash.
+
+    The hash keeps distinct domains distinct ("Real World" and "Real_World" get different folders).
+    """
+    if not isinstance(domain, str) or not domain:
+        raise DataError(f"domain must be a non-empty string, got {domain!r}")
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", domain).strip("_")[:64]
+    if clean == domain:
+        return domain
+    return f"{clean or 'domain'}-{hashlib.sha1(domain.encode()).hexdigest()[:8]}"
+
+
+class IndexSet:
+    """One :class:`DomainIndex` per domain, all from the same model (same hash and dim).
+
+    Saved as ``<root>/<safe domain name>/`` sub-folders plus ``<root>/indexset.json`` (written last) that
+    maps domain names to folders.
+    """
+
+    def __init__(self, indexes: Mapping[str, DomainIndex]) -> None:
+        if not indexes:
+            raise DataError("an IndexSet needs at least one domain index")
+        for name, idx in indexes.items():
+            if idx.domain != name:
+                raise DataError(f"index for domain {idx.domain!r} was registered under {name!r}")
+        first = next(iter(indexes.values()))
+        for idx in indexes.values():
+            if idx.model_hash != first.model_hash or idx.dim != first.dim:
+                raise IndexMismatchError(
+                    f"domain {idx.domain!r} was indexed with model {idx.model_hash!r} ({idx.dim}-d) but "
+                    f"{first.domain!r} with {first.model_hash!r} ({first.dim}-d); {_REBUILD_HINT}"
+                )
+        self._indexes = dict(indexes)
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: Mapping[str, Any],
+        items: Mapping[str, Sequence[Item]],
+        model_hash: str,
+        index_type: str = "flat",
+        **options: Any,
+    ) -> IndexSet:
+        """:meth:`DomainIndex.build` for each domain of ``embeddings`` (``options`` are passed on)."""
+        if set(embeddings) != set(items):
+            raise DataError(
+                f"embeddings are for domains {sorted(embeddings)} but items for {sorted(items)}; "
+                "they must match"
+            )
+        return cls(
+            {
+                d: DomainIndex.build(embeddings[d], items[d], d, model_hash, index_type, **options)
+                for d in embeddings
+            }
+        )
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self._indexes)
+
+    @property
+    def model_hash(self) -> str:
+        return next(iter(self._indexes.values())).model_hash
+
+    @property
+    def dim(self) -> int:
+        return next(iter(self._indexes.values())).dim
+
+    def __getitem__(self, domain: str) -> DomainIndex:
+        try:
+            return self._indexes[domain]
+        except KeyError:
+            raise QueryError(f"unknown domain {domain!r}; available domains: {self.domains}") from None
+
+    def __contains__(self, domain: object) -> bool:
+        return domain in self._indexes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._indexes)
+
+    def __len__(self) -> int:
+        return len(self._indexes)
+
+    def save(self, root: str | Path) -> Path:
+        """Save every domain into ``root/<safe name>/`` then ``root/indexset.json``; returns ``root``."""
+        root = Path(root)
+        folders = {d: safe_domain_name(d) for d in self._indexes}
+        lowered = [f.lower() for f in folders.values()]
+        if len(set(lowered)) != len(lowered):  # case-insensitive file systems would merge them
+            raise DataError(f"domain names {sorted(folders)} map to folders that differ only in case")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / INDEX_SET_FILE).unlink(missing_ok=True)
+        for d, idx in self._indexes.items():
+            idx.save(root / folders[d])
+        atomic_write_json(
+            root / INDEX_SET_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "model_hash": self.model_hash,
+                "dim": self.dim,
+                "domains": folders,
+            },
+        )
+        return root
+
+    @classmethod
+    def load(
+        cls,
+        root: str | Path,
+        expected_model_hash: str | None = None,
+        expected_dim: int | None = None,
+        *,
+        use_gpu: UseGpu = "auto",
+        verify_checksums: bool = True,
+    ) -> IndexSet:
+        """Load a folder written by :meth:`save`; the same checks as :meth:`DomainIndex.load` per domain."""
+        root = Path(root)
+        path = root / INDEX_SET_FILE
+        if not path.is_file():
+            raise IndexFileError(f"no index set at {root} ({INDEX_SET_FILE} missing); {_REBUILD_HINT}")
+        try:
+            meta = read_json(path)
+        except (OSError, ValueError) as e:
+            raise IndexFileError(f"cannot read {path}: {e}; {_REBUILD_HINT}") from e
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise IndexFileError(
+                f"{path} has format_version {version!r}; this cdretrieval reads {FORMAT_VERSION}; "
+                f"{_REBUILD_HINT}"
+            )
+        folders = meta.get("domains")
+        if not isinstance(folders, dict) or not folders:
+            raise IndexFileError(f"{path} lists no domains; {_REBUILD_HINT}")
+        indexes = {}
+        for domain, sub in folders.items():
+            if not isinstance(sub, str) or Path(sub).name != sub or sub in ("", ".", ".."):
+                raise IndexFileError(f"{path}: bad folder name {sub!r} for domain {domain!r}")
+            idx = DomainIndex.load(
+                root / sub,
+                expected_model_hash,
+                expected_dim,
+                use_gpu=use_gpu,
+                verify_checksums=verify_checksums,
+            )
+            if idx.domain != domain:
+                raise IndexFileError(f"{root / sub} holds domain {idx.domain!r}, but {path} says {domain!r}")
+            indexes[domain] = idx
+        return cls(indexes)

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import pytest
+
+from cdretrieval.config import LossConfig, RunConfig, cluster_counts
+
+
+def test_yaml_roundtrip(tmp_path: Path) -> None:
+    cfg = RunConfig()
+    cfg.losses.terms["instance"].weight = 0.0
+    cfg.losses.clustering = "sinkhorn"
+    cfg.data.domains = ["a", "b"]
+    cfg.save(tmp_path / "c.yaml")
+    assert RunConfig.load(tmp_path / "c.yaml") == cfg
+
+
+def test_partial_yaml_keeps_defaults_and_rejects_unknowns(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 3\nlosses:\n  terms:\n    mim: {weight: 0}\n")
+    cfg = RunConfig.load(p)
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == RunConfig().train.batch_size
+    assert cfg.losses.terms == {"mim": cfg.losses.terms["mim"]} and cfg.losses.terms["mim"].weight == 0
+    p.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ValueError, match="unknown key.*epoch"):
+        RunConfig.load(p)
+    p.write_text("losses:\n  clustering: spectral\n")
+    with pytest.raises(ValueError, match="spectral"):
+        RunConfig.load(p)
+    p.write_text("losses:\n  terms:\n    ntxent: {weight: 1}\n")
+    with pytest.raises(ValueError, match="unknown term"):
+        RunConfig.load(p)
+    p.write_text("data:\n  image_size: 100\n")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        RunConfig.load(p)
+
+
+def test_cluster_counts_rule() -> None:
+    assert cluster_counts(LossConfig(), [1499, 3531]) == [19, 38]
+    assert cluster_counts(LossConfig(), [20]) == [4, 8]
+    assert cluster_counts(LossConfig(num_clusters=[7, 14, 500]), [100]) == [7, 14, 100]
