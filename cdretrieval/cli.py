@@ -13,6 +13,76 @@ from cdretrieval.errors import CDRetrievalError
 Handler = Callable[[argparse.Namespace], int]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Argument types: bad values are reported by argparse as ``error: ...`` with exit status 2.
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    """``"1,5,15"`` → ``[1, 5, 15]`` (positive integers)."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return [_positive_int(t) for t in parts]
+
+
+def _device(text: str) -> str:
+    from cdretrieval.device import resolve_device
+
+    try:
+        resolve_device(text)
+    except (ValueError, RuntimeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options every embedding command shares."""
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--num-workers", type=_non_negative_int, default=2, help="image decoding workers (default 2)")
+    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _domain_list(text: str | None) -> list[str] | None:
+    from cdretrieval.data.folders import parse_domains
+
+    return parse_domains(text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     """Describe a data set (domains, images, classes), or generate the embedded demo data."""
     from cdretrieval.data.demo import generate_demo_data
@@ -32,6 +102,100 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    """Embed the images of a data set with a run's encoder (resumable chunks in RUN_DIR/embeddings)."""
+    from cdretrieval.pipeline import embed_domains
+
+    out = embed_domains(
+        args.run, args.data, _domain_list(args.domains), split=args.split, feature=args.feature,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=args.progress,
+        resume=not args.restart,
+    )
+    summary = {
+        d: {"embedded": len(e), "skipped": len(e.skipped), "dim": int(e.embeddings.shape[1]), "feature": e.feature}
+        for d, e in out.items()
+    }
+    print(json.dumps({"run": args.run, "domains": summary}, indent=2))
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    """Build per-domain indexes in RUN_DIR/index, or append images to one domain (--add)."""
+    from cdretrieval.pipeline import add_to_index, build_indexes
+
+    domains = _domain_list(args.domains)
+    if args.add:
+        added = add_to_index(
+            args.run, domains[0] if domains else "", args.add, batch_size=args.batch_size,
+            num_workers=args.num_workers, device=args.device, progress=args.progress,
+        )
+        info = {
+            "domain": added.domain, "added": len(added.added), "duplicates": len(added.duplicates),
+            "skipped": [{"path": p, "reason": r} for p, r in added.skipped], "total": added.total,
+        }
+        print(json.dumps(info, indent=2))
+        return 0
+    iset = build_indexes(
+        args.run, args.data, domains, index_type=args.index_type, memory_budget_mb=args.memory_budget_mb,
+        split=args.split, feature=args.feature, batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, progress=args.progress,
+    )
+    info = {
+        "run": args.run,
+        "dim": iset.dim,
+        "domains": {d: {"count": len(iset[d]), "index_type": iset[d].index_type} for d in iset},
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _format_results(results: Sequence[object]) -> str:
+    """A plain-text table of search results."""
+    from cdretrieval.retrieval import SearchResult
+
+    rows = [["rank", "score", "domain", "label", "path"]]
+    for r in results:
+        assert isinstance(r, SearchResult)
+        rows.append([str(r.rank), f"{r.score:.4f}", r.domain, r.label or "-", r.path])
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]  # the path column is left unpadded
+    lines = []
+    for row in rows:
+        cells = [row[i].rjust(widths[i]) if i < 2 else row[i].ljust(widths[i]) for i in range(4)]
+        lines.append("  ".join([*cells, row[4]]))
+    return "\n".join(lines)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    """Query one image against the run's indexes."""
+    from cdretrieval.retrieval import Retriever
+
+    retriever = Retriever.from_run(args.run, device=args.device)
+    results = retriever.search(args.query, _domain_list(args.target), k=args.k, source_domain=args.source)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(_format_results(results))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """P@k / mAP (and paired R@k) for every directed domain pair; Markdown table, optional JSON file."""
+    from cdretrieval.io import atomic_write_json
+    from cdretrieval.metrics import format_table
+    from cdretrieval.pipeline import evaluate
+
+    result = evaluate(
+        args.data, _domain_list(args.domains), run_dir=args.run, backbone=args.backbone, ks=args.ks,
+        split=args.split, feature=args.feature, image_size=args.image_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, progress=args.progress,
+    )
+    print(format_table(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdretrieval",
@@ -47,6 +211,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="generate (once) and describe the demo data set")
     p.add_argument("--out", default=None, help="with --demo: where to write it (default: the cache)")
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("embed", help="embed a data set's images with a run's encoder (resumable)")
+    p.add_argument("--run", required=True, help="run folder (from `cdretrieval pretrain`)")
+    p.add_argument("--data", required=True, help="data root: ROOT/<domain>/[<class>/]<image>, or a folder of .npz")
+    p.add_argument("--domains", default=None, help="comma-separated domain names (default: all)")
+    p.add_argument("--split", default=None, help="read <domain>_<split>.txt lists")
+    p.add_argument("--feature", choices=("head", "backbone"), default=None,
+                   help="embedding to compute (default: the run's model.index_feature)")
+    p.add_argument("--restart", action="store_true", help="ignore saved chunks and embed everything again")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("index", help="build per-domain FAISS indexes in RUN_DIR/index, or --add images")
+    p.add_argument("--run", required=True, help="run folder (from `cdretrieval pretrain`)")
+    p.add_argument("--data", default=None, help="data root (required unless --add)")
+    p.add_argument("--domains", default=None, help="comma-separated domain names (default: all); one with --add")
+    p.add_argument("--split", default=None, help="read <domain>_<split>.txt lists")
+    p.add_argument("--index-type", choices=("flat", "ivf", "hnsw", "ivfpq", "auto"), default="flat",
+                   help="FAISS index type (default flat: exact)")
+    p.add_argument("--memory-budget-mb", type=_positive_float, default=None,
+                   help="with --index-type auto: largest index per domain in MiB")
+    p.add_argument("--feature", choices=("head", "backbone"), default=None,
+                   help="embedding to index (default: the run's model.index_feature)")
+    p.add_argument("--add", nargs="+", default=None, metavar="PATH",
+                   help="append these images / folders to the index of the one domain named by --domains")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="find the images of other domains most similar to a query image")
+    p.add_argument("--run", required=True, help="run folder with an index (from `cdretrieval index`)")
+    p.add_argument("--query", required=True, help="query image file")
+    p.add_argument("--target", default=None, help="domain(s) to search, comma-separated (default: all but --source)")
+    p.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
+    p.add_argument("--source", default=None, help="the query's domain (left out of the default targets)")
+    p.add_argument("--json", action="store_true", help="print the results as a JSON list")
+    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("evaluate", help="retrieval quality (P@k, mAP, paired R@k) for every domain pair")
+    p.add_argument("--data", required=True, help="data root with class folders: ROOT/<domain>/<class>/<image>")
+    p.add_argument("--domains", default=None, help="comma-separated domain names, at least two (default: all)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--run", default=None, help="run folder to evaluate")
+    model.add_argument("--backbone", default=None,
+                       help="without --run: the no-adaptation baseline backbone (default efficientnet_lite0)")
+    p.add_argument("--ks", type=_int_list, default=[1, 5, 15], help="cut-offs, comma-separated (default 1,5,15)")
+    p.add_argument("--split", default=None, help="read <domain>_<split>.txt lists")
+    p.add_argument("--feature", choices=("head", "backbone"), default=None,
+                   help="embedding to evaluate (default: the run's model.index_feature; backbone without --run)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="eval image side, a multiple of 32 (default: the run's; 128 without --run)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 
@@ -55,6 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "data" and not args.demo and not args.data:
         parser.error("data: give --data ROOT or --demo")
+    if args.command == "index":
+        if args.add and len(_domain_list(args.domains) or []) != 1:
+            parser.error("index --add: name the one domain to extend with --domains DOMAIN")
+        if not args.add and not args.data:
+            parser.error("index: give --data ROOT (or --add PATH... to extend an index)")
+    if args.command == "evaluate" and args.image_size is not None and args.image_size % 32:
+        parser.error(f"evaluate: --image-size must be a multiple of 32, got {args.image_size}")
     func: Handler = args.func
     try:
         return func(args)

@@ -43,3 +43,42 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never write into the user's real cache from tests."""
     monkeypatch.setenv("CDRETRIEVAL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run folder: EfficientNet-Lite0 (real weights) + an untrained small head (1280 → 64 → 32), 64 px.
+
+    Treat it as read-only; copy it (``shutil.copytree``) to change it.
+    """
+    from cdretrieval.config import RunConfig
+    from cdretrieval.run import encoder_from_config, save_checkpoint
+
+    cfg = RunConfig()
+    cfg.data.image_size = 64
+    cfg.data.num_workers = 0
+    cfg.model.hidden_dim = 64
+    cfg.model.dim = 32
+    torch.manual_seed(0)
+    encoder = encoder_from_config(cfg)
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    save_checkpoint(run, {"model": encoder.state_dict()}, cfg)
+    return run
+
+
+@pytest.fixture(scope="session")
+def indexed_run(tiny_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``tiny_run`` with flat indexes of the demo data (and its embedding chunks). Read-only."""
+    import shutil
+
+    from cdretrieval.pipeline import build_indexes
+
+    run = tmp_path_factory.mktemp("indexed_run") / "run"
+    shutil.copytree(tiny_run, run)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Lite0's small convs: 1 thread is faster than 2 on the shared 2-core machines
+    try:
+        build_indexes(run, demo_root, num_workers=0, progress=False, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    return run

@@ -16,15 +16,18 @@ from cdretrieval.models.backbones import Backbone, build_backbone
 
 
 class ProjectionHead(nn.Module):
-    """MLP head ``[B,F] → [B,dim]``: Linear → BatchNorm → ReLU → Linear (MoCo v2 / SimCLR style)."""
+    """MLP head ``[B,F] → [B,dim]``: Linear → ReLU → Linear (MoCo v2's head).
+
+    No BatchNorm on purpose: per-sample computation makes distributed training give exactly the
+    gradients of one process on the combined batch (BN statistics would depend on the local batch).
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int = 1024, out_dim: int = 256):
         super().__init__()
         if min(in_dim, hidden_dim, out_dim) < 1:
             raise ValueError(f"head dimensions must be ≥ 1, got {in_dim}, {hidden_dim}, {out_dim}")
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
+            nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim),
         )
         self.out_dim = out_dim
 

@@ -98,5 +98,5 @@ def test_encoder_normalised_and_hash_tracks_weights() -> None:
     h = state_dict_hash(enc)
     assert h == state_dict_hash(enc)
     with torch.no_grad():
-        enc.head.net[0].weight[0, 0] += 1
+        enc.head.net[0].weight[0, 0] += 1  # first Linear of the head
     assert state_dict_hash(enc) != h

@@ -1,0 +1,741 @@
+"""Cross-domain self-supervised pretraining: CDS + PCS (+ Sinkhorn clustering, MIM) over N domains.
+
+One training step (per domain d, a batch of B images with bank positions ``idx_d``)::
+
+    f_d = normalise(head(backbone(aug(x_d))))                      [B, D]
+    instance        CDS eq. 1: CE(f_d·V_dᵀ/τ, idx_d)                in-domain instance discrimination
+    cross_instance  CDS eq. 2–3: H(softmax(f_d·V_{≠d}ᵀ/τ))           entropy over the other domains' banks
+    proto           PCS: ProtoNCE(f_d, μ_d, φ_d, c_d[idx_d])       in-domain prototypes, k ∈ {K, 2K} × runs
+    cross_proto     PCS: H(softmax(f_d·μ_{≠d}ᵀ/τ))                   entropy over other domains' prototypes
+    mim             PCS: −(0.5·H(p̄) − 0.05·E H(p)), p = softmax(f·μ_jointᵀ/τ)
+    V_d[idx_d] ← normalise(m·V_d[idx_d] + (1−m)·f_d)                  banks (no gradient)
+
+Prototypes are re-clustered from the banks at the start of every epoch (spherical k-means or
+Sinkhorn-balanced clustering). Every term has a weight and a start epoch (:class:`~cdretrieval.config.LossTerm`).
+
+Two modes:
+
+* ``finetune``: the whole encoder trains on augmented images (the default on CUDA).
+* ``frozen`` (the default on CPU): the backbone is frozen and its features for one clean and
+  ``cached_views`` augmented views of every image are computed once and cached on disk; only the
+  projection head trains, on cached views. On 2 CPU cores Lite0 trains end to end at ~20 img/s, so a
+  PACS epoch would take ~8 min; frozen mode trains an epoch in seconds after a one-off cache pass.
+
+Distributed: under ``torchrun`` each rank takes a strided shard of every domain batch; the model is
+wrapped in DistributedDataParallel, features are all-gathered for identical bank updates on every rank,
+MIM's marginal sees the global batch (``torch.distributed.nn.all_gather`` keeps its gradient right),
+and rank 0 clusters and broadcasts. Checkpoints (rank 0, atomic, every epoch) hold model, optimiser,
+scheduler, epoch, step, banks, MIM state, config, RNG and version; ``resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cdretrieval import __version__
+from cdretrieval.clustering import ClusterResult, balanced_kmeans, spherical_kmeans
+from cdretrieval.config import RunConfig, cluster_counts, validate
+from cdretrieval.data.datasets import warn_skipped
+from cdretrieval.data.digits import resolve_data_root
+from cdretrieval.data.folders import Sample, scan_domains
+from cdretrieval.data.transforms import eval_transform, train_transform
+from cdretrieval.device import amp_dtype, autocast, resolve_device, use_channels_last
+from cdretrieval.embed import extract, make_loader
+from cdretrieval.errors import CheckpointError, DataError
+from cdretrieval.io import atomic_torch_save, torch_load
+from cdretrieval.losses import (
+    cluster_concentration,
+    cross_domain_entropy_loss,
+    cross_domain_prototype_entropy,
+    instance_discrimination_loss,
+    multi_prototypical_loss,
+)
+from cdretrieval.losses.mim import MutualInformation
+from cdretrieval.memory import MemoryBank
+from cdretrieval.models.encoder import Encoder
+from cdretrieval.paths import cache_dir
+from cdretrieval.run import CHECKPOINT_FILE, encoder_from_config, load_checkpoint, save_checkpoint
+
+# --------------------------------------------------------------------------------------------- distributed
+
+
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); True if distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """Concatenate ``x [b, ...]`` from every rank (equal b), no gradient: ``[W·b, ...]`` in rank order."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor and returns this
+    rank's slice: with the same loss on every rank and DDP's gradient averaging this yields exactly
+    the single-process gradient of that loss on the combined batch."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # x: [b, ...] → [W·b, ...]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_rows_with_grad(x: Tensor) -> Tensor:
+    """Like :func:`gather_rows` but the gradient flows back to every rank's own slice."""
+    if world_size() == 1:
+        return x
+    out: Tensor = _GatherWithGrad.apply(x)
+    return out
+
+
+def _broadcast_object(obj: Any) -> Any:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+@dataclass
+class Prototypes:
+    """Per-epoch clustering state: per-domain clusterings and the joint prototypes used by MIM."""
+
+    per_domain: dict[str, list[ClusterResult]] = field(default_factory=dict)
+    joint: Tensor | None = None  # [K, D]
+
+
+def active_terms(cfg: RunConfig, epoch: int) -> dict[str, float]:
+    """Terms with a positive weight whose start epoch has come: name → weight."""
+    return {n: t.weight for n, t in cfg.losses.terms.items() if t.weight > 0 and epoch >= t.start_epoch}
+
+
+def compute_losses(
+    feats: Mapping[str, Tensor],
+    idx: Mapping[str, Tensor],
+    banks: MemoryBank,
+    protos: Prototypes,
+    mim: MutualInformation | None,
+    cfg: RunConfig,
+    terms: Mapping[str, float],
+) -> dict[str, Tensor]:
+    """The active loss terms (unweighted) for one step.
+
+    Args:
+        feats: domain → ``[b, D]`` L2-normalised embeddings of this rank's shard (with gradient).
+        idx: domain → ``[b]`` bank positions of those samples.
+        banks: per-domain memory banks (read only here).
+        protos: this epoch's clusterings (needed by proto, cross_proto, mim).
+        mim: MIM module holding the running marginal (needed by mim).
+        terms: the active terms (see :func:`active_terms`).
+    """
+    lc = cfg.losses
+    tau = lc.temperature
+    domains = list(feats)
+    out: dict[str, Tensor] = {}
+    if "instance" in terms:
+        out["instance"] = torch.stack(
+            [instance_discrimination_loss(feats[d], banks.bank(d), idx[d], tau) for d in domains]
+        ).mean()
+    if "cross_instance" in terms:
+        parts = []
+        for d in domains:
+            others = [o for o in domains if o != d]
+            if lc.domain_pairing == "all_others":
+                other_bank = torch.cat([banks.bank(o) for o in others])
+                parts.append(cross_domain_entropy_loss(feats[d], other_bank, tau, lc.cross_topk))
+            else:
+                parts += [cross_domain_entropy_loss(feats[d], banks.bank(o), tau, lc.cross_topk) for o in others]
+        out["cross_instance"] = torch.stack(parts).mean()
+    if "proto" in terms:
+        out["proto"] = torch.stack(
+            [multi_prototypical_loss(feats[d], idx[d], protos.per_domain[d]) for d in domains]
+        ).mean()
+    if "cross_proto" in terms:
+        parts = []
+        for d in domains:
+            for o in domains:
+                if o != d:
+                    parts += [cross_domain_prototype_entropy(feats[d], c.centroids, tau) for c in protos.per_domain[o]]
+        out["cross_proto"] = torch.stack(parts).mean()
+    if "mim" in terms:
+        if mim is None or protos.joint is None:
+            raise RuntimeError("mim term active without joint prototypes")
+        f_all = gather_rows_with_grad(torch.cat([feats[d] for d in domains]))  # [W·Σb, D]
+        probs = F.softmax(f_all @ protos.joint.T / tau, dim=1)  # [W·Σb, K]
+        out["mim"] = mim(probs)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- clustering
+
+
+def cluster_banks(banks: MemoryBank, cfg: RunConfig, epoch: int, need_joint: bool) -> Prototypes:
+    """Cluster every domain's bank with each k (× runs); concentration per cluster; joint prototypes.
+
+    Seeds depend on (config seed, epoch, run) so every rank and every resume gets the same result.
+    """
+    lc = cfg.losses
+    sizes = [banks.bank(d).shape[0] for d in banks.domains]
+    ks = cluster_counts(lc, sizes)
+    out = Prototypes()
+
+    def run(x: Tensor, k: int, seed: int) -> ClusterResult:
+        if lc.clustering == "sinkhorn":
+            return balanced_kmeans(
+                x, k, n_iter=lc.kmeans_iters // 2 or 1, seed=seed, epsilon=lc.sinkhorn_epsilon,
+                sinkhorn_iters=lc.sinkhorn_iters, marginal=lc.sinkhorn_marginal,
+            )
+        return spherical_kmeans(x, k, n_iter=lc.kmeans_iters, seed=seed)
+
+    base = cfg.train.seed * 100_003 + epoch * 101
+    for d in banks.domains:
+        bank = banks.bank(d).detach().float().cpu()
+        results = []
+        for k in ks:
+            for r in range(lc.cluster_runs):
+                c = run(bank, k, base + 7 * r + k)
+                c.concentration = cluster_concentration(bank, c.centroids, c.assignments, normalize_to=lc.temperature)
+                results.append(c)
+        out.per_domain[d] = results
+    if need_joint:
+        union = torch.cat([banks.bank(d).detach().float().cpu() for d in banks.domains])
+        out.joint = run(union, ks[0], base + 999).centroids
+    return out
+
+
+def _protos_to(p: Prototypes, device: torch.device) -> Prototypes:
+    return Prototypes(
+        {
+            d: [
+                ClusterResult(
+                    c.centroids.to(device), c.assignments.to(device),
+                    None if c.concentration is None else c.concentration.to(device),
+                )
+                for c in cs
+            ]
+            for d, cs in p.per_domain.items()
+        },
+        None if p.joint is None else p.joint.to(device),
+    )
+
+
+# --------------------------------------------------------------------------------------------- data sources
+
+
+def feature_cache_key(cfg: RunConfig, samples: Sequence[Sample]) -> str:
+    """Identity of a frozen-mode feature cache: backbone, weights, size, augmentation, views, seed, files."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            [m.backbone, m.weights, d.image_size, d.aug_strength, d.min_scale, d.hflip, d.blur, t.cached_views, t.seed],
+        ).encode()
+    )
+    for s in samples:
+        h.update(s.path.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_feature_cache(
+    encoder: Encoder,
+    samples: Sequence[Sample],
+    cfg: RunConfig,
+    device: torch.device,
+    cache_root: Path,
+    domain: str,
+    progress: bool = True,
+) -> tuple[Tensor, list[Sample]]:
+    """Backbone features ``[1 + V, N_ok, F]`` (view 0 clean, views 1..V augmented) for a domain's images.
+
+    Cached (fp16, atomic) under ``cache_root/<key>.pt``; unreadable images are dropped (and warned about)
+    so the returned sample list matches the rows.
+    """
+    key = feature_cache_key(cfg, samples)
+    path = cache_root / f"{key}.pt"
+    if path.is_file():
+        try:
+            blob = torch_load(path)
+            kept = [samples[i] for i in blob["kept"].tolist()]
+            return blob["features"].float(), kept
+        except Exception as e:  # a corrupt cache is rebuilt, never trusted
+            warnings.warn(f"feature cache {path} unreadable ({e}); rebuilding", stacklevel=2)
+    dcfg = cfg.data
+    amp = amp_dtype(device, cfg.train.precision, cfg.model.backbone)
+    cl = use_channels_last(device, cfg.model.backbone)
+    backbone = encoder.backbone.eval()
+    if cl:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    def run(items: Sequence[Sample], transform: Any, seed: int | None, desc: str) -> Any:
+        return extract(backbone, items, transform, device=device, amp=amp, channels_last=cl, batch_size=64,
+                       num_workers=dcfg.num_workers, seed=seed, desc=desc, progress=progress)
+
+    clean = run(samples, eval_transform(dcfg.image_size), None, f"{domain}: clean view")
+    warn_skipped(clean.bad, f"domain {domain}")
+    if len(clean.indices) == 0:
+        raise DataError(f"domain {domain!r}: no readable images")
+    kept_idx = clean.indices.tolist()
+    kept = [samples[i] for i in kept_idx]
+    aug = train_transform(dcfg.image_size, dcfg.aug_strength, dcfg.min_scale, dcfg.hflip, dcfg.blur)
+    views = [clean.features]
+    for v in range(cfg.train.cached_views):
+        seed = cfg.train.seed * 1009 + v
+        got = run(kept, aug, seed, f"{domain}: view {v + 1}/{cfg.train.cached_views}")
+        if len(got.indices) != len(kept):
+            raise DataError(f"domain {domain!r}: images changed while caching features; rerun")
+        views.append(got.features)
+    feats = torch.stack(views)  # [1+V, N, F]
+    atomic_torch_save({"features": feats.half(), "kept": torch.tensor(kept_idx)}, path)
+    return feats, kept
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    steps: int
+    seconds: float
+    images_per_second: float
+    last_losses: dict[str, float]
+    mode: str
+    domains: dict[str, int]
+
+
+def resolve_mode(cfg: RunConfig, device: torch.device) -> str:
+    """``auto`` → finetune on CUDA, frozen elsewhere."""
+    mode = cfg.train.mode
+    if mode == "auto":
+        return "finetune" if device.type == "cuda" else "frozen"
+    return mode
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states in a ``weights_only``-loadable form (tensors, ints, lists)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+
+
+def _comparable(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Config fields that must not change on resume (epochs, logging and workers may)."""
+    d = json.loads(json.dumps(cfg_dict))
+    for k in ("epochs", "checkpoint_every", "log_every", "tensorboard", "device"):
+        d["train"].pop(k, None)
+    d["data"].pop("num_workers", None)
+    return d
+
+
+class Trainer:
+    """Runs :func:`pretrain`; exposed for tests that need to step it by hand."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | os.PathLike[str],
+        *,
+        progress: bool = True,
+        feature_cache: str | os.PathLike[str] | None = None,
+    ):
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress and rank() == 0
+        self.device = resolve_device(cfg.train.device)
+        init_distributed(self.device)
+        _seed_everything(cfg.train.seed)
+        self.mode = resolve_mode(cfg, self.device)
+        self.feature_cache = Path(feature_cache) if feature_cache else cache_dir() / "features"
+
+        if not cfg.data.root:
+            raise DataError("no data root: set data.root or pass --data")
+        root = resolve_data_root(cfg.data.root)
+        self.samples = scan_domains(root, cfg.data.domains or None, cfg.data.split)
+        if len(self.samples) < 2:
+            raise DataError(f"cross-domain pretraining needs at least 2 domains, got {list(self.samples)}")
+        self.encoder = encoder_from_config(cfg).to(self.device)
+        self.amp = amp_dtype(self.device, cfg.train.precision, cfg.model.backbone)
+        self._prepare_inputs()
+        self.domains = list(self.samples)
+        sizes = {d: len(self.samples[d]) for d in self.domains}
+        self.banks = MemoryBank(sizes, cfg.model.dim, seed=cfg.train.seed).to(self.device)
+        k_joint = cluster_counts(cfg.losses, list(sizes.values()))[0]
+        self.mim = MutualInformation(
+            k_joint, momentum=None, w_sample=cfg.losses.mim_entropy_weight, w_marginal=cfg.losses.mim_diversity_weight
+        ).to(self.device)
+        self.model: nn.Module = self.encoder.head if self.mode == "frozen" else self.encoder
+        self.ddp_model: nn.Module = self.model
+        if world_size() > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model)
+        self.steps_per_epoch = cfg.train.steps_per_epoch or math.ceil(max(sizes.values()) / cfg.train.batch_size)
+        self.optimizer = self._make_optimizer()
+        total = self.steps_per_epoch * cfg.train.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(total, self.steps_per_epoch * cfg.train.warmup_epochs)
+        )
+        self.epoch = 0  # next epoch to run
+        self.step = 0
+        self.last_losses: dict[str, float] = {}
+        self._log_path = self.run_dir / "log.jsonl"
+
+    # ---- set-up
+
+    def _prepare_inputs(self) -> None:
+        """Frozen: cache backbone features. Finetune: drop unreadable images up front (bank fill pass)."""
+        self.cache: dict[str, Tensor] = {}
+        if self.mode == "frozen":
+            for p in self.encoder.backbone.parameters():
+                p.requires_grad_(False)
+            root = self.feature_cache
+            if rank() == 0:
+                for d, s in self.samples.items():
+                    build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, self.progress)
+            if world_size() > 1:
+                dist.barrier()
+            for d, s in list(self.samples.items()):
+                feats, kept = build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, False)
+                self.cache[d] = feats.to(self.device)
+                self.samples[d] = kept
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        head = [p for p in self.encoder.head.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": head, "lr": t.lr}]
+        if self.mode == "finetune":
+            bb = [p for p in self.encoder.backbone.parameters() if p.requires_grad]
+            groups.append({"params": bb, "lr": t.lr * t.backbone_lr_scale})
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+    @torch.no_grad()
+    def fill_banks(self) -> None:
+        """A full forward pass of every image (clean view) into its domain's bank (CDS/PCS practice)."""
+        self.encoder.eval()
+        for d in self.domains:
+            if self.mode == "frozen":
+                feats = self.cache[d][0]
+                emb = torch.cat([self.encoder.project(feats[i : i + 4096]) for i in range(0, len(feats), 4096)])
+                self.banks.fill(d, torch.arange(len(emb), device=self.device), emb)
+            else:
+                cl = use_channels_last(self.device, self.cfg.model.backbone)
+                got = extract(
+                    self.encoder, self.samples[d], eval_transform(self.cfg.data.image_size), device=self.device,
+                    amp=self.amp, channels_last=cl, num_workers=self.cfg.data.num_workers,
+                    desc=f"{d}: filling bank", progress=self.progress,
+                )
+                warn_skipped(got.bad, f"domain {d}")
+                self.banks.fill(d, got.indices.to(self.device), got.features.to(self.device))
+
+    # ---- one step
+
+    def _epoch_generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
+
+    def _epoch_plan(self, epoch: int) -> dict[str, Tensor]:
+        """domain → ``[steps, B]`` bank positions: a seeded permutation, repeated to fill the epoch."""
+        g = self._epoch_generator(epoch)
+        b = self.cfg.train.batch_size
+        plan = {}
+        for d in self.domains:
+            n = len(self.samples[d])
+            need = self.steps_per_epoch * b
+            perm = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need]
+            plan[d] = perm.view(self.steps_per_epoch, b)
+        return plan
+
+    def _forward(self, d: str, idx: Tensor, views: Tensor | None, images: Tensor | None) -> Tensor:
+        if self.mode == "frozen":
+            assert views is not None
+            x = self.cache[d][views, idx]  # [b, F]
+            return F.normalize(self.ddp_model(x.float()), dim=1)
+        assert images is not None
+        with autocast(self.device, self.amp):
+            out = self.ddp_model(images)
+        return out.float()
+
+    def train_step(
+        self, idx: Mapping[str, Tensor], protos: Prototypes, terms: Mapping[str, float],
+        views: Mapping[str, Tensor] | None = None, images: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, float]:
+        """One optimisation step on this rank's shard ``idx`` (domain → ``[b]``); returns the loss terms."""
+        self.ddp_model.train()
+        if self.mode == "frozen":
+            self.encoder.backbone.eval()
+        feats = {
+            d: self._forward(d, idx[d], views[d] if views else None, images[d] if images else None)
+            for d in self.domains
+        }
+        losses = compute_losses(feats, idx, self.banks, protos, self.mim, self.cfg, terms)
+        total = sum((terms[n] * v for n, v in losses.items()), torch.zeros((), device=self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        if total.requires_grad:
+            total.backward()
+        self.optimizer.step()  # a no-op when no term is active yet (no gradients)
+        self.scheduler.step()
+        with torch.no_grad():
+            for d in self.domains:
+                self.banks.update(d, gather_rows(idx[d]), gather_rows(feats[d].detach()), self.cfg.losses.bank_momentum)
+        self.step += 1
+        names = [*losses, "total"]
+        values = torch.stack([*(v.detach().float() for v in losses.values()), total.detach().float()])
+        if world_size() > 1:  # report the global-batch mean, not this rank's shard
+            dist.all_reduce(values)
+            values /= world_size()
+        return dict(zip(names, values.tolist(), strict=True))
+
+    # ---- epochs
+
+    def run_epoch(self, epoch: int, max_steps: int | None = None) -> dict[str, float]:
+        """Cluster (if needed), then ``steps_per_epoch`` steps; returns the epoch's mean loss terms."""
+        cfg = self.cfg
+        terms = active_terms(cfg, epoch)
+        needs_protos = bool({"proto", "cross_proto", "mim"} & set(terms))
+        protos = Prototypes()
+        if needs_protos:
+            protos = _broadcast_object(cluster_banks(self.banks, cfg, epoch, "mim" in terms) if rank() == 0 else None)
+            protos = _protos_to(protos, self.device)
+            self.mim.reset()
+        plan = self._epoch_plan(epoch)
+        g = self._epoch_generator(epoch + 10_000)
+        r, w = rank(), world_size()
+        loaders = self._epoch_loaders(epoch, plan) if self.mode == "finetune" else None
+        sums: dict[str, float] = {}
+        steps = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not self.progress, leave=False)
+        for s in bar:
+            idx = {d: plan[d][s][r::w].to(self.device) for d in self.domains}
+            views = images = None
+            if self.mode == "frozen":
+                nv = cfg.train.cached_views
+                views = {d: torch.randint(1, nv + 1, (cfg.train.batch_size,), generator=g)[r::w].to(self.device)
+                         for d in self.domains}
+            else:
+                assert loaders is not None
+                images = {}
+                for d in self.domains:
+                    batch = next(loaders[d])
+                    images[d] = batch["images"].to(self.device)
+                    idx[d] = batch["indices"].to(self.device)
+            out = self.train_step(idx, protos, terms, views, images)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if self.progress:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in out.items()})
+            if rank() == 0 and (s + 1) % cfg.train.log_every == 0:
+                self._log({"epoch": epoch, "step": self.step, **out, "lr": self.scheduler.get_last_lr()[0]})
+        bar.close()
+        return {k: v / max(1, steps) for k, v in sums.items()}
+
+    def _epoch_loaders(self, epoch: int, plan: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Finetune mode: per-domain loaders that follow the epoch plan (this rank's shard of each batch)."""
+        from torch.utils.data import Sampler
+
+        class _Fixed(Sampler[int]):
+            def __init__(self, order: list[int]):
+                self.order = order
+
+            def __iter__(self) -> Any:
+                return iter(self.order)
+
+            def __len__(self) -> int:
+                return len(self.order)
+
+        d_cfg = self.cfg.data
+        aug = train_transform(d_cfg.image_size, d_cfg.aug_strength, d_cfg.min_scale, d_cfg.hflip, d_cfg.blur)
+        r, w = rank(), world_size()
+        out = {}
+        for d in self.domains:
+            order = plan[d][:, r::w].reshape(-1).tolist()
+            loader = make_loader(self.samples[d], aug, batch_size=len(plan[d][0][r::w]),
+                                 num_workers=d_cfg.num_workers, seed=self.cfg.train.seed * 31 + epoch)
+            loader = torch.utils.data.DataLoader(
+                loader.dataset, batch_size=loader.batch_size, sampler=_Fixed(order), num_workers=loader.num_workers,
+                collate_fn=loader.collate_fn, generator=loader.generator,
+            )
+            out[d] = iter(loader)
+        return out
+
+    def _log(self, record: Mapping[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "banks": self.banks.state_dict(),
+            "mim": self.mim.state_dict(),
+            "rng": _rng_state(),
+            "mode": self.mode,
+            "domains": {d: len(s) for d, s in self.samples.items()},
+            "samples": {d: [s.path for s in ss] for d, ss in self.samples.items()},
+            "last_losses": self.last_losses,
+            "time": time.time(),
+        }
+
+    def save(self) -> None:
+        if rank() == 0:
+            save_checkpoint(self.run_dir, self.state(), self.cfg)
+        if world_size() > 1:
+            dist.barrier()
+
+    def load(self) -> bool:
+        """Restore from the run folder's checkpoint; False when there is none."""
+        if not (self.run_dir / CHECKPOINT_FILE).is_file():
+            return False
+        ckpt = load_checkpoint(self.run_dir, map_location=self.device)
+        if _comparable(ckpt["config"]) != _comparable(self.cfg.to_dict()):
+            raise CheckpointError(
+                f"{self.run_dir}: its checkpoint was trained with another config; use a new --out folder, "
+                "or resume with the same settings (only epochs/logging may change)"
+            )
+        if ckpt.get("samples") != {d: [s.path for s in ss] for d, ss in self.samples.items()}:
+            raise CheckpointError(f"{self.run_dir}: the data set changed since the checkpoint; use a new --out folder")
+        self.encoder.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.banks.load_state_dict(ckpt["banks"])
+        self.mim.load_state_dict(ckpt["mim"])
+        _set_rng_state(ckpt["rng"])
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.last_losses = dict(ckpt.get("last_losses", {}))
+        return True
+
+    # ---- the whole run
+
+    def fit(self, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
+        """Train to ``cfg.train.epochs`` (or stop after ``stop_after_epochs`` more, for tests/interrupts)."""
+        cfg = self.cfg
+        if (self.run_dir / CHECKPOINT_FILE).is_file() and not resume:
+            raise CheckpointError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, or use a new --out"
+            )
+        if not (resume and self.load()):
+            self.fill_banks()
+        t0 = time.perf_counter()
+        images = 0
+        done = 0
+        while self.epoch < cfg.train.epochs and (stop_after_epochs is None or done < stop_after_epochs):
+            means = self.run_epoch(self.epoch)
+            images += self.steps_per_epoch * cfg.train.batch_size * len(self.domains)
+            self.last_losses = means
+            if rank() == 0:
+                self._log({"epoch": self.epoch, "step": self.step, "epoch_mean": means})
+                if self.progress:
+                    terms = " ".join(f"{k}={v:.3f}" for k, v in means.items())
+                    tqdm.write(f"epoch {self.epoch + 1}/{cfg.train.epochs}: {terms}")
+            self.epoch += 1
+            done += 1
+            if self.epoch % cfg.train.checkpoint_every == 0 or self.epoch == cfg.train.epochs:
+                self.save()
+        if done == 0 and not (self.run_dir / CHECKPOINT_FILE).is_file():
+            self.save()
+        seconds = time.perf_counter() - t0
+        return TrainResult(
+            self.run_dir, self.epoch, self.step, seconds, images / seconds if seconds > 0 else 0.0,
+            self.last_losses, self.mode, {d: len(s) for d, s in self.samples.items()},
+        )
+
+
+def pretrain(
+    cfg: RunConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    feature_cache: str | os.PathLike[str] | None = None,
+) -> TrainResult:
+    """Train a run (see the module docstring) and return a summary; the run folder holds the result."""
+    trainer = Trainer(cfg, run_dir, progress=progress, feature_cache=feature_cache)
+    result = trainer.fit(resume=resume)
+    if rank() == 0:
+        summary = {
+            "version": __version__, "mode": result.mode, "epochs": result.epochs_done, "steps": result.steps,
+            "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
+            "last_losses": result.last_losses, "domains": result.domains,
+        }
+        from cdretrieval.io import atomic_write_json
+
+        atomic_write_json(Path(run_dir) / "train_summary.json", summary)
+    return result

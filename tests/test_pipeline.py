@@ -1,0 +1,228 @@
+"""Pipeline: resumable embedding, index building and extension, evaluation (baseline, paired digits)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdretrieval.embedding_chunks import PROGRESS_FILE, Chunk, ChunkStore
+from cdretrieval.errors import CheckpointError, DataError, QueryError
+from cdretrieval.index import IndexSet
+from cdretrieval.pipeline import (
+    EMBEDDINGS_DIR,
+    EmbeddedDomain,
+    add_to_index,
+    build_indexes,
+    embed_domains,
+    embeddings_folder,
+    evaluate,
+)
+from cdretrieval.retrieval import Retriever
+from cdretrieval.run import INDEX_DIR, load_encoder, model_hash
+
+FAST: dict[str, Any] = {"num_workers": 0, "progress": False, "device": "cpu"}
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Model-heavy module: one intra-op thread (faster than two on the shared 2-core machines)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_root(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One domain of 37 demo images (two classes) plus one corrupt file: chunks of 8 end mid-batch."""
+    root = tmp_path_factory.mktemp("small") / "data"
+    files = sorted((demo_root / "photo").rglob("*.png"))[:37]
+    for f in files:
+        target = root / "photo" / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    (root / "photo" / files[0].parent.name / "zz_corrupt.png").write_bytes(b"not a png")
+    return root
+
+
+def _embed_small(run: Path, root: Path, **kw: Any) -> dict[str, EmbeddedDomain]:
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        return embed_domains(run, root, batch_size=5, chunk_size=8, **FAST, **kw)
+
+
+def test_embedding_resumes_after_interruption(tiny_run: Path, small_root: Path, tmp_path: Path) -> None:
+    full_run, broken_run = tmp_path / "full", tmp_path / "broken"
+    shutil.copytree(tiny_run, full_run)
+    shutil.copytree(tiny_run, broken_run)
+    reference = _embed_small(full_run, small_root)["photo"]
+    assert len(reference) == 37 and len(reference.skipped) == 1 and reference.skipped[0][0].endswith("zz_corrupt.png")
+    assert reference.embeddings.shape == (37, 32) and reference.embeddings.dtype == np.float32
+    assert all(it.width == 64 and it.height == 64 and it.label is not None for it in reference.items)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(domain: str, i: int, done: int, total: int) -> None:
+        if i == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        embed_domains(broken_run, small_root, batch_size=5, chunk_size=8, on_chunk=stop_after_two, **FAST)
+    folder = embeddings_folder(broken_run / EMBEDDINGS_DIR, "photo", "head", None)
+    assert json.loads((folder / PROGRESS_FILE).read_text())["chunks_done"] == 2
+
+    computed: list[tuple[int, int]] = []
+    resumed = _embed_small(broken_run, small_root, on_chunk=lambda d, i, done, n: computed.append((i, done)))["photo"]
+    assert computed == [(2, 24), (3, 32), (4, 38)]  # only the rest: chunks 0 and 1 came from disk
+    np.testing.assert_allclose(resumed.embeddings, reference.embeddings, atol=1e-6)
+    assert resumed.items == reference.items and resumed.skipped == reference.skipped
+
+    # A complete store is read back without any model work; resume=False recomputes everything.
+    computed.clear()
+    again = _embed_small(broken_run, small_root, on_chunk=lambda d, i, done, n: computed.append((i, done)))
+    assert computed == [] and np.array_equal(again["photo"].embeddings, resumed.embeddings)
+    _embed_small(broken_run, small_root, resume=False, on_chunk=lambda d, i, done, n: computed.append((i, done)))
+    assert len(computed) == 5
+
+
+def test_chunk_store_discards_other_keys_and_bad_chunks(tmp_path: Path) -> None:
+    def chunk(start: int, stop: int) -> Chunk:
+        n = stop - start
+        return Chunk(start, stop, np.ones((n, 4), np.float32), np.arange(start, stop), np.full((n, 2), 9), [])
+
+    store = ChunkStore(tmp_path, {"model_hash": "a", "samples": "s"}, n_samples=10, chunk_size=4, dim=4)
+    for i in range(3):
+        store.write(i, chunk(*store.bounds(i)))
+    assert [c.stop for c in store.completed()] == [4, 8, 10]
+    (tmp_path / "chunk_000001.npz").write_bytes(b"garbage")  # a damaged middle chunk: recompute from it
+    assert [c.stop for c in store.completed()] == [4]
+    other = ChunkStore(tmp_path, {"model_hash": "b", "samples": "s"}, n_samples=10, chunk_size=4, dim=4)
+    assert other.completed() == []
+    assert not list(tmp_path.glob("chunk_*.npz")) and not (tmp_path / PROGRESS_FILE).exists()
+
+
+def test_changed_model_or_samples_invalidate_chunks(tiny_run: Path, small_root: Path, tmp_path: Path) -> None:
+    run, root = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(small_root, root)
+    _embed_small(run, root)
+    computed: list[int] = []
+
+    def record(domain: str, i: int, done: int, total: int) -> None:
+        computed.append(i)
+
+    # Another image size gives other embeddings: every chunk is recomputed.
+    with pytest.warns(UserWarning):
+        embed_domains(run, root, batch_size=5, chunk_size=8, image_size=32, on_chunk=record, **FAST)
+    assert computed == [0, 1, 2, 3, 4]
+    # So does another sample list (one more image).
+    computed.clear()
+    first = next((root / "photo").rglob("*.png"))
+    shutil.copy(first, first.parent / "zzz_extra.png")
+    with pytest.warns(UserWarning):
+        out = embed_domains(run, root, batch_size=5, chunk_size=8, image_size=32, on_chunk=record, **FAST)
+    assert computed == [0, 1, 2, 3, 4] and len(out["photo"]) == 38
+
+
+def test_baseline_embedding_without_run(small_root: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning):
+        out = embed_domains(None, small_root, image_size=32, batch_size=16, embeddings_dir=tmp_path, **FAST)
+    e = out["photo"]
+    assert e.feature == "backbone" and e.embeddings.shape == (37, 1280)
+    np.testing.assert_allclose(np.linalg.norm(e.embeddings, axis=1), 1.0, atol=1e-4)
+    assert (tmp_path / "photo" / "backbone" / PROGRESS_FILE).is_file()
+    with pytest.raises(CheckpointError, match="needs a trained run"):
+        embed_domains(None, small_root, feature="head", **FAST)
+
+
+def test_build_indexes_records_provenance(indexed_run: Path, demo_root: Path) -> None:
+    encoder, _ = load_encoder(indexed_run)
+    iset = IndexSet.load(indexed_run / INDEX_DIR, expected_model_hash=model_hash(encoder), expected_dim=32)
+    assert iset.domains == ["ink", "outline", "photo"]
+    for d in iset:
+        m = iset[d].manifest
+        assert m["feature"] == "head" and m["data_root"] == str(demo_root.resolve()) and m["image_size"] == 64
+        assert m["backbone"] == "efficientnet_lite0" and m["count"] == 120 and m["index_type"] == "flat"
+    assert (indexed_run / EMBEDDINGS_DIR / "photo" / "head" / PROGRESS_FILE).is_file()
+
+
+def test_rebuild_with_fewer_domains_and_other_type(indexed_run: Path, demo_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(indexed_run, run)
+    iset = build_indexes(run, demo_root, "ink,photo", index_type="hnsw", **FAST)  # embeddings come from disk
+    assert iset.domains == ["ink", "photo"] and iset["ink"].index_type == "hnsw"
+    assert not (run / INDEX_DIR / "outline").exists()
+    assert IndexSet.load(run / INDEX_DIR).domains == ["ink", "photo"]
+    with pytest.raises(DataError, match="memory_budget_mb"):
+        build_indexes(run, demo_root, "ink", index_type="auto", memory_budget_mb=1e-6, **FAST)
+
+
+def test_add_to_index_then_search(indexed_run: Path, demo_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(indexed_run, run)
+    new = tmp_path / "new" / "7"
+    new.mkdir(parents=True)
+    src = next((demo_root / "ink").rglob("*.png"))
+    Image.open(src).transpose(Image.Transpose.ROTATE_90).save(new / "rotated.png")
+    (new / "broken.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        added = add_to_index(run, "photo", tmp_path / "new", **FAST)
+    assert len(added.added) == 1 and added.total == 121 and len(added.skipped) == 1
+    assert added.added[0].label == "7" and added.added[0].domain == "photo"
+    again = add_to_index(run, "photo", [new / "rotated.png"], **FAST)
+    assert again.added == [] and again.duplicates == [str(new / "rotated.png")] and again.total == 121
+
+    r = Retriever.from_run(run, device="cpu")
+    assert r.info()["counts"]["photo"] == 121
+    top = r.search(new / "rotated.png", "photo", k=1)[0]
+    assert top.path == str(new / "rotated.png") and top.item_id == 120 and top.score == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(QueryError, match="unknown domain 'sketch'"):
+        add_to_index(run, "sketch", new, **FAST)
+    with pytest.raises(DataError, match="no such file"):
+        add_to_index(run, "photo", tmp_path / "nothing-here", **FAST)
+
+
+def test_evaluate_baseline_on_demo(demo_root: Path) -> None:
+    result = evaluate(demo_root, None, image_size=64, ks=(1, 5), batch_size=60, **FAST)
+    pairs = {(p["query"], p["gallery"]) for p in result["pairs"]}
+    assert len(result["pairs"]) == 6 and all(a != b for a, b in pairs) and len(pairs) == 6
+    for p in result["pairs"]:
+        assert p["n_query"] == 120 and p["n_gallery"] == 120
+        assert all(0.0 <= p[key] <= 1.0 for key in ("P@1", "P@5", "mAP"))
+    assert set(result["mean"]) == {"P@1", "P@5", "mAP"}
+    assert result["run"] is None and result["backbone"] == "efficientnet_lite0"
+    assert result["feature"] == "backbone" and result["image_size"] == 64
+    json.dumps(result)  # JSON-ready
+
+
+def test_evaluate_paired_digits(digits_root: Path, tmp_path: Path) -> None:
+    src = tmp_path / "digits"
+    src.mkdir()
+    for name in ("mnist", "mnistm"):
+        with np.load(digits_root / f"{name}.npz") as z:
+            np.savez(src / f"{name}.npz", images=z["images"][:200], labels=z["labels"][:200])
+    result = evaluate(src, "mnist,mnistm", image_size=32, ks=(1, 10), batch_size=100, **FAST)
+    assert [(p["query"], p["gallery"]) for p in result["pairs"]] == [("mnist", "mnistm"), ("mnistm", "mnist")]
+    for p in result["pairs"]:
+        assert 0.0 <= p["R@1"] <= p["R@10"] <= 1.0 and 0.0 <= p["mAP"] <= 1.0
+    assert result["mean"]["R@10"] > 0.05  # the paired image is found far above chance (10/200)
+
+
+def test_evaluate_errors(demo_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(QueryError, match="at least two domains"):
+        evaluate(demo_root, "photo", **FAST)
+    with pytest.raises(QueryError, match="positive integer"):
+        evaluate(demo_root, "ink,photo", ks=(0, 5), **FAST)
+    with pytest.raises(DataError, match="does not exist"):
+        evaluate(tmp_path / "nope", "ink,photo", **FAST)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate(demo_root, "ink,photo", run_dir=tmp_path / "no-run", **FAST)

@@ -1,0 +1,153 @@
+"""The trainer on the embedded demo data: loss goes down, exact resume, DDP == one process, terms/ablations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdretrieval.config import RunConfig
+from cdretrieval.errors import CheckpointError, DataError
+from cdretrieval.run import load_checkpoint, load_encoder
+from cdretrieval.train import Trainer, active_terms, pretrain
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cfg(root: Path, **train: object) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.root = str(root)
+    cfg.data.image_size = 64
+    cfg.data.hflip = 0.0
+    cfg.data.num_workers = 0
+    cfg.model.hidden_dim = 128
+    cfg.model.dim = 32
+    cfg.train.mode = "frozen"
+    cfg.train.cached_views = 2
+    cfg.train.batch_size = 16
+    cfg.train.epochs = 3
+    cfg.train.device = "cpu"
+    cfg.losses.num_clusters = [5, 10]
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("features")
+
+
+def test_active_terms_follow_start_epochs() -> None:
+    cfg = RunConfig()
+    assert set(active_terms(cfg, 0)) == {"instance"}
+    assert set(active_terms(cfg, 1)) == {"instance", "cross_instance", "proto", "cross_proto", "mim"}
+    cfg.losses.terms["proto"].weight = 0
+    assert "proto" not in active_terms(cfg, 5)
+
+
+def test_loss_goes_down_on_demo_data(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
+    cfg = _cfg(demo_root, epochs=6, steps_per_epoch=8)
+    tr = Trainer(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
+    tr.fill_banks()
+    firsts, lasts = [], []
+    for epoch in range(cfg.train.epochs):
+        means = tr.run_epoch(epoch)
+        (firsts if epoch == 1 else lasts).append(means)
+        tr.epoch += 1
+    first, last = firsts[0], lasts[-1]
+    # every term that has started decreases between the first epoch with all terms and the last one
+    for term in ("instance", "proto", "cross_proto", "total"):
+        assert last[term] < first[term], (term, first[term], last[term])
+
+
+def test_resume_gives_the_same_next_step(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
+    cfg = _cfg(demo_root, epochs=3, steps_per_epoch=4)
+    full = pretrain(cfg, tmp_path / "full", progress=False, feature_cache=feature_cache)
+    part = Trainer(cfg, tmp_path / "part", progress=False, feature_cache=feature_cache)
+    part.fit(stop_after_epochs=2)  # "interrupted" after 2 epochs; checkpoint on disk
+    resumed = Trainer(cfg, tmp_path / "part", progress=False, feature_cache=feature_cache)
+    result = resumed.fit(resume=True)
+    assert result.epochs_done == 3 and result.steps == full.steps
+    assert result.last_losses == pytest.approx(full.last_losses, rel=1e-5, abs=1e-6)
+    a, b = load_checkpoint(tmp_path / "full")["model"], load_checkpoint(tmp_path / "part")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    enc, cfg2 = load_encoder(tmp_path / "full")
+    assert cfg2 == cfg and enc.dim == 32
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        pretrain(cfg, tmp_path / "full", progress=False, feature_cache=feature_cache)
+    other = _cfg(demo_root, epochs=3, steps_per_epoch=4, lr=0.5)
+    with pytest.raises(CheckpointError, match="another config"):
+        pretrain(other, tmp_path / "full", resume=True, progress=False, feature_cache=feature_cache)
+
+
+@pytest.mark.parametrize("clustering", ["kmeans", "sinkhorn"])
+def test_ablation_configs_run(demo_root: Path, tmp_path: Path, feature_cache: Path, clustering: str) -> None:
+    cfg = _cfg(demo_root, epochs=2, steps_per_epoch=2)
+    cfg.losses.clustering = clustering  # type: ignore[assignment]
+    cfg.losses.cross_topk = 50
+    cfg.losses.terms["instance"].weight = 0.0
+    r = pretrain(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
+    assert "instance" not in r.last_losses and {"proto", "cross_proto", "mim"} <= set(r.last_losses)
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "train_summary.json").is_file()
+
+
+def test_bad_data(tmp_path: Path, demo_root: Path) -> None:
+    cfg = _cfg(tmp_path / "nope")
+    with pytest.raises(DataError, match="does not exist"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    cfg = _cfg(demo_root)
+    cfg.data.domains = ["ink"]
+    with pytest.raises(DataError, match="at least 2 domains"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+
+
+def test_corrupt_images_are_skipped_and_counted(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    for d in ("ink", "photo"):
+        shutil.copytree(demo_root / d / "3", root / d / "3")
+        shutil.copytree(demo_root / d / "7", root / d / "7")
+    (root / "ink" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    cfg = _cfg(root, epochs=1, steps_per_epoch=1)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*broken.png"):
+        tr = Trainer(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
+    assert all("broken" not in s.path for s in tr.samples["ink"])
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
+    """torchrun with 2 gloo processes (each half of every batch) == 1 process on the whole batch."""
+    cfg = _cfg(demo_root, epochs=2, steps_per_epoch=3)
+    cfg.train.optimizer = "sgd"
+    cfg.train.lr = 0.05
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg.save(cfg_path)
+    worker = Path(__file__).with_name("_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for nproc, out in ((1, "one"), (2, "two")):
+        args = [str(worker), str(cfg_path), str(tmp_path / out), str(feature_cache)]
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+        cmd = [sys.executable, *(launcher if nproc > 1 else []), *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    for k in a["banks"]:
+        if isinstance(a["banks"][k], torch.Tensor) and a["banks"][k].is_floating_point():
+            torch.testing.assert_close(a["banks"][k], b["banks"][k], rtol=1e-4, atol=1e-5)
+    assert a["last_losses"] == pytest.approx(b["last_losses"], rel=1e-4, abs=1e-5)
