@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from cdretrieval import __version__
 from cdretrieval.errors import CDRetrievalError
+
+if TYPE_CHECKING:
+    from cdretrieval.config import RunConfig as RunConfigT
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -196,6 +201,68 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_args(args: argparse.Namespace) -> RunConfigT:
+    """The run config: defaults ← ``--config`` YAML ← explicit command-line options."""
+    from cdretrieval.config import RunConfig, validate
+
+    cfg = RunConfig.load(args.config) if args.config else RunConfig()
+    cfg.data.root = str(args.data)
+    if args.domains:
+        cfg.data.domains = _domain_list(args.domains) or []
+    overrides = {
+        ("data", "split"): args.split, ("data", "image_size"): args.image_size,
+        ("model", "backbone"): args.backbone, ("train", "epochs"): args.epochs,
+        ("train", "mode"): args.mode, ("train", "batch_size"): args.batch_size,
+        ("train", "device"): args.device, ("train", "seed"): args.seed,
+        ("losses", "clustering"): args.clustering,
+    }
+    for (section, key), value in overrides.items():
+        if value is not None:
+            setattr(getattr(cfg, section), key, value)
+    if args.clusters:
+        cfg.losses.num_clusters = args.clusters
+    validate(cfg)
+    return cfg
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    """Cross-domain self-supervised pretraining into RUN_DIR (resumable)."""
+    from cdretrieval.train import pretrain
+
+    cfg = _config_from_args(args)
+    result = pretrain(cfg, args.out, resume=args.resume, progress=args.progress)
+    print(
+        f"trained {result.epochs_done} epochs ({result.steps} steps, {result.mode} mode) in {result.seconds:.1f} s "
+        f"→ {args.out}; last losses: " + ", ".join(f"{k}={v:.3f}" for k, v in result.last_losses.items())
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Data (embedded demo set unless --data) → pretrain → index → serve the UI."""
+    from cdretrieval.workflow import prepare_demo
+
+    demo = prepare_demo(args.out, args.data, _domain_list(args.domains), progress=args.progress)
+    print(f"[demo] ready: {demo.run_dir} (train {demo.trained_seconds:.0f} s, index {demo.indexed_seconds:.0f} s)")
+    if args.no_serve:
+        return 0
+    return _serve(str(demo.run_dir), args.host, args.port, args.auth)
+
+
+def _serve(run_dir: str, host: str, port: int, auth: str | None) -> int:
+    from app.cli import main as app_main
+
+    argv = ["--run", run_dir, "--host", host, "--port", str(port)]
+    if auth:
+        argv += ["--auth", auth]
+    return int(app_main(argv) or 0)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the Gradio UI (and its HTTP API) for a run with indexes."""
+    return _serve(args.run, args.host, args.port, args.auth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdretrieval",
@@ -211,6 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="generate (once) and describe the demo data set")
     p.add_argument("--out", default=None, help="with --demo: where to write it (default: the cache)")
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("pretrain", help="cross-domain self-supervised pretraining (CDS + PCS) into a run folder")
+    p.add_argument("--data", required=True, help="data root: ROOT/<domain>/[<class>/]<image>, or a folder of .npz")
+    p.add_argument("--domains", default=None, help="comma-separated domain names, at least two (default: all)")
+    p.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
+    p.add_argument("--config", default=None, help="YAML config (see `RunConfig`); options below override it")
+    p.add_argument("--epochs", type=_positive_int, default=None)
+    p.add_argument("--backbone", choices=("efficientnet_lite0", "resnet18", "resnet50"), default=None)
+    p.add_argument("--image-size", type=_positive_int, default=None, help="a multiple of 32 (default 128)")
+    p.add_argument("--mode", choices=("auto", "frozen", "finetune"), default=None,
+                   help="auto (default): finetune on CUDA, frozen backbone with cached features on CPU")
+    p.add_argument("--clustering", choices=("kmeans", "sinkhorn"), default=None)
+    p.add_argument("--clusters", type=_int_list, default=None, help="k values, e.g. 7,14 (default: label-free rule)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="per domain per step (default 64)")
+    p.add_argument("--seed", type=_non_negative_int, default=None)
+    p.add_argument("--split", default=None, help="train on <domain>_<split>.txt lists")
+    p.add_argument("--device", type=_device, default=None, help="auto | cpu | cuda[:i]")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("embed", help="embed a data set's images with a run's encoder (resumable)")
     p.add_argument("--run", required=True, help="run folder (from `cdretrieval pretrain`)")
@@ -265,6 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
     _add_model_options(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    for name, helptext in (("serve", "serve the Gradio UI and its HTTP API for a run with indexes"),
+                           ("demo", "one command: data → pretrain → index → serve (embedded demo data by default)")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "serve":
+            p.add_argument("--run", required=True, help="run folder with indexes")
+            p.set_defaults(func=_cmd_serve)
+        else:
+            p.add_argument("--data", default=None, help="your data root (default: the embedded demo digits)")
+            p.add_argument("--domains", default=None, help="comma-separated domain names (default: all)")
+            p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo); reused when complete")
+            p.add_argument("--no-serve", action="store_true", help="prepare the run and indexes, then exit")
+            p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+            p.set_defaults(func=_cmd_demo)
+        p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+        p.add_argument("--port", type=_positive_int, default=7860)
+        p.add_argument("--auth", default=os.environ.get("CDRETRIEVAL_AUTH"),
+                       help="user:password required by the UI (default $CDRETRIEVAL_AUTH); use it off localhost")
     return parser
 
 

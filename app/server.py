@@ -1,0 +1,172 @@
+"""Serving the UI safely: localhost by default, only indexed data files reachable, bounded uploads and queue.
+
+What a client of the server can reach:
+
+* the page, its assets and the ``/search`` API (behind ``auth`` when set);
+* result thumbnails and uploads, which Gradio keeps in its own cache folder under random hash names;
+* files inside the *indexed data folders* (``allowed_paths``: one folder per domain, the common folder of
+  that domain's indexed images) and nothing else: the run folder (checkpoint, config, indexes) is in
+  ``blocked_paths``, and a folder that would expose too much (``/``, the home folder, an ancestor of the
+  run folder) is never allowed — its images are still shown as thumbnails.
+
+Auth: ``auth=("user", "pass")`` or the environment variable ``CDRETRIEVAL_AUTH=user:pass``. ``share=True``
+(a public gradio.live link) and a non-local ``host`` print a warning when no auth is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr
+
+from app.ui import CSS, build_app
+from cdretrieval.retrieval import Retriever
+
+logger = logging.getLogger(__name__)
+
+AUTH_ENV = "CDRETRIEVAL_AUTH"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+CONCURRENCY = 4  # searches running at once; more wait in the queue
+QUEUE_MAX = 64  # waiting requests beyond this are refused ("queue full") instead of piling up
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """``"user:pass"`` → ``("user", "pass")`` (the password may contain ':'); empty/None → None."""
+    if text is None or text.strip() == "":
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("auth must look like USER:PASSWORD (both non-empty)")
+    return user, password
+
+
+def resolve_auth(auth: tuple[str, str] | None) -> tuple[str, str] | None:
+    """The explicit ``auth`` argument, else ``$CDRETRIEVAL_AUTH``, else None."""
+    if auth is not None:
+        if len(auth) != 2 or not all(isinstance(x, str) and x for x in auth):
+            raise ValueError("auth must be a (user, password) pair of non-empty strings")
+        return auth[0], auth[1]
+    return parse_auth(os.environ.get(AUTH_ENV))
+
+
+def _item_paths(retriever: Retriever) -> dict[str, list[str]]:
+    """Every indexed image path, per domain."""
+    return {d: [it.path for it in retriever.indexes[d].items] for d in retriever.domains}
+
+
+def _too_broad(folder: Path, protected: Iterable[Path]) -> bool:
+    """True for ``/``, the home folder, and any folder containing (or equal to) a protected path."""
+    if folder == Path(folder.anchor) or folder == Path.home().resolve():
+        return True
+    return any(p == folder or folder in p.parents for p in protected)
+
+
+def indexed_folders(retriever: Retriever, protected: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
+    """One folder per indexed domain (the common folder of its images), minus over-broad ones."""
+    prot = [Path(p).resolve() for p in protected]
+    folders: list[str] = []
+    for domain, paths in _item_paths(retriever).items():
+        parents = {str(Path(p).resolve().parent) for p in paths}
+        if not parents:
+            continue
+        folder = Path(os.path.commonpath(sorted(parents)))
+        if _too_broad(folder, prot):
+            logger.warning("not serving %s (domain %r) as files: too broad; thumbnails only", folder, domain)
+            continue
+        if str(folder) not in folders:
+            folders.append(str(folder))
+    return folders
+
+
+def launch_options(
+    retriever: Retriever,
+    run_dir: str | os.PathLike[str],
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    auth: tuple[str, str] | None = None,
+    share: bool = False,
+    max_upload_mb: int = 10,
+    open_browser: bool = False,
+    extra_blocked: Iterable[str | os.PathLike[str]] = (),
+) -> dict[str, Any]:
+    """The keyword arguments of ``gr.Blocks.launch`` that make the server safe (see the module docstring)."""
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+    if max_upload_mb < 1:
+        raise ValueError(f"max_upload_mb must be ≥ 1, got {max_upload_mb}")
+    blocked = [str(Path(run_dir).resolve()), *(str(Path(p).resolve()) for p in extra_blocked)]
+    return {
+        "server_name": host,
+        "server_port": int(port),
+        "auth": auth,
+        "share": share,
+        "inbrowser": open_browser,
+        "allowed_paths": indexed_folders(retriever, protected=blocked),
+        "blocked_paths": blocked,
+        "max_file_size": f"{int(max_upload_mb)}mb",
+        "show_error": False,  # only our own gr.Error messages reach the page, never tracebacks
+        "quiet": True,
+        "enable_monitoring": False,
+        "mcp_server": False,
+        "pwa": False,
+        "ssr_mode": False,
+        "run_history": False,
+        "footer_links": ["api"],
+        "strict_cors": True,
+        "css": CSS,
+    }
+
+
+def launch_app(
+    run_dir: str | os.PathLike[str],
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    auth: tuple[str, str] | None = None,
+    share: bool = False,
+    max_upload_mb: int = 10,
+    open_browser: bool = False,
+    *,
+    index_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    examples_per_domain: int = 3,
+    prevent_thread_lock: bool = False,
+) -> gr.Blocks:
+    """Load the run's retriever and serve the UI (blocks until stopped unless ``prevent_thread_lock``).
+
+    Prints the URL. Returns the running ``gr.Blocks`` (``.local_url``; ``.close()`` stops it).
+    """
+    auth = resolve_auth(auth)
+    if not auth and (share or host not in LOCAL_HOSTS):
+        where = "a public share link" if share else f"host {host}"
+        print(
+            f"warning: serving on {where} without authentication; set {AUTH_ENV}=user:pass or --auth",
+            file=sys.stderr,
+        )
+    retriever = Retriever.from_run(run_dir, device=device, index_dir=index_dir)
+    demo = build_app(retriever, max_upload_mb=max_upload_mb, examples_per_domain=examples_per_domain)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_MAX)
+    extra = [index_dir] if index_dir is not None else []
+    options = launch_options(
+        retriever, run_dir, host=host, port=port, auth=auth, share=share,
+        max_upload_mb=max_upload_mb, open_browser=open_browser, extra_blocked=extra,
+    )
+    _, local_url, share_url = demo.launch(prevent_thread_lock=True, **options)
+    print(f"cdretrieval UI running at {local_url}" + (f" (public: {share_url})" if share_url else ""), flush=True)
+    if auth:
+        print(f"login required (user {auth[0]!r})", flush=True)
+    if not prevent_thread_lock:
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
+    return demo

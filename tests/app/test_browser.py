@@ -1,0 +1,109 @@
+"""A real browser (Debian's chromium, driven by Playwright) uses the page: upload → results, draw → results.
+
+Skipped with a reason when ``/usr/bin/chromium`` is absent (``make browser`` installs it). Playwright only
+drives the system browser (``executable_path``); it never downloads one. The upload test saves a
+screenshot to its ``tmp_path`` and to ``test-artifacts/ui.png`` (git-ignored) for people to look at.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import Served
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(), reason=f"{CHROMIUM} not found: `apt-get install chromium` (or `make browser`)"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any, served: Served) -> Iterator[Any]:
+    """A fresh page (own context: no shared cookies/storage) with the app loaded."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    p = context.new_page()
+    try:
+        p.goto(served.url, wait_until="domcontentloaded", timeout=30_000)
+        p.locator("#search-button").wait_for(timeout=30_000)
+        yield p
+    finally:
+        context.close()
+
+
+def _wait_for_results(page: Any, n: int) -> None:
+    page.wait_for_function("n => document.querySelectorAll('#results img').length >= n", arg=n, timeout=30_000)
+
+
+def test_upload_search_shows_gallery(page: Any, served: Served, tmp_path: Path) -> None:
+    query = sorted((served.data_root / "photo" / "7").glob("*.png"))[0]
+    page.locator("#query-upload input[type=file]").set_input_files(str(query))
+    page.locator("#query-upload img").first.wait_for(timeout=20_000)  # the preview is shown
+    page.locator("#source-domain input").click()  # say the query is a photo ...
+    page.get_by_role("option", name="photo", exact=True).click()
+    page.locator("#search-button").click()  # ... so the other domains are searched
+    _wait_for_results(page, 10)
+    assert page.locator("#results img").count() >= 10
+    status = page.locator("#status").inner_text()
+    assert "result(s)" in status and "ink, outline" in status and "source: photo" in status, status
+    captions = page.locator("#results").inner_text()
+    assert re.search(r"\d\.\d{3} · (ink|outline) · \d", captions), captions
+    assert "photo ·" not in captions
+    page.wait_for_timeout(500)  # let the thumbnails finish painting
+    shot = tmp_path / "ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / "ui.png")
+
+
+def test_draw_sketch_searches_and_empty_canvas_is_reported(page: Any) -> None:
+    page.get_by_role("tab", name="Draw a sketch").click()
+    canvas = page.locator("#query-sketch canvas").first
+    canvas.wait_for(timeout=20_000)
+    page.locator("#search-button").click()  # nothing drawn yet
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('empty')", timeout=20_000)
+    box = canvas.bounding_box()
+    assert box is not None
+    x, y, size = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, min(box["width"], box["height"])
+    page.mouse.move(x, y - 0.3 * size)  # a vertical stroke: a "1"
+    page.mouse.down()
+    page.mouse.move(x, y + 0.3 * size, steps=3)  # few steps: each one repaints the canvas (slow headless)
+    page.mouse.up()
+    page.locator("#search-button").click()
+    _wait_for_results(page, 10)
+    assert "your drawing" in page.locator("#status").inner_text()

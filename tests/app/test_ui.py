@@ -1,0 +1,335 @@
+"""The served UI through its HTTP API (gradio_client) and raw HTTP: results, errors, file-serving safety."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+if TYPE_CHECKING:
+    from conftest import Served
+
+from app.server import indexed_folders, launch_options, parse_auth, resolve_auth
+from app.ui import (
+    QueryInputError,
+    check_k,
+    default_targets,
+    info_markdown,
+    load_upload,
+    prepare_sketch,
+    resolve_domains,
+)
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> Client:
+    return Client(served.url, verbose=False)
+
+
+def _query_file(data_root: Path, domain: str = "ink", digit: str = "3") -> Path:
+    return sorted((data_root / domain / digit).glob("*.png"))[0]
+
+
+def _search(client: Client, path: Path | str, source: str, targets: list[str], k: int) -> tuple[list, dict]:
+    gallery, result = client.predict(handle_file(str(path)), source, targets, k, api_name="/search")
+    return gallery, result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The /search endpoint
+
+
+def test_search_returns_k_results_from_target_sorted(client: Client, served: Served) -> None:
+    gallery, result = _search(client, _query_file(served.data_root), "ink", ["photo"], 7)
+    assert result["ok"] is True
+    assert result["source_domain"] == "ink" and result["target_domains"] == ["photo"] and result["k"] == 7
+    rows = result["results"]
+    assert len(rows) == 7 == len(gallery)
+    assert all(r["domain"] == "photo" for r in rows)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert [r["rank"] for r in rows] == list(range(1, 8))
+    assert all(-1.0001 <= s <= 1.0001 for s in scores)
+    for r in rows:  # label from the class folder; files named relative to the data root, never absolute
+        assert r["label"] in {str(d) for d in range(10)}
+        assert r["file"].startswith("photo/") and not Path(r["file"]).is_absolute()
+    for item, r in zip(gallery, rows, strict=True):
+        assert item["caption"] == f"{r['score']:.3f} · photo · {r['label']}"
+        with Image.open(item["image"]) as thumb:  # a small thumbnail, not the original file
+            assert max(thumb.size) <= 160
+
+
+def test_search_all_other_domains_by_default(client: Client, served: Served) -> None:
+    _, result = _search(client, _query_file(served.data_root, "photo", "5"), "photo", [], 12)
+    rows = result["results"]
+    assert result["target_domains"] == ["ink", "outline"]
+    assert len(rows) == 12 and {r["domain"] for r in rows} <= {"ink", "outline"}
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_bad_uploads_report_errors_and_next_query_works(client: Client, served: Served, tmp_path: Path) -> None:
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image\n" * 20)
+    with pytest.raises(AppError, match=r"notes\.png.*not a readable image"):
+        _search(client, text, "auto", ["photo"], 5)
+
+    good = _query_file(served.data_root)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(AppError, match=r"truncated\.png"):
+        _search(client, truncated, "auto", ["photo"], 5)
+
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(AppError, match="empty"):
+        _search(client, empty, "auto", ["photo"], 5)
+
+    _, result = _search(client, good, "auto", ["photo"], 5)  # the server is still fine
+    assert len(result["results"]) == 5
+
+
+def test_bad_parameters_report_errors(client: Client, served: Served) -> None:
+    good = _query_file(served.data_root)
+    with pytest.raises(AppError, match="nowhere"):
+        _search(client, good, "auto", ["nowhere"], 5)
+    with pytest.raises(AppError, match="nowhere"):
+        _search(client, good, "nowhere", ["photo"], 5)
+    with pytest.raises(AppError):
+        _search(client, good, "auto", ["photo"], 0)
+    fast = Client(served.url, verbose=False, download_files=False)  # don't fetch 50 thumbnails
+    assert len(_search(fast, good, "auto", ["photo"], 50)[1]["results"]) == 50
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the server lets a browser fetch
+
+
+def _file_url(served: Served, path: str | Path) -> str:
+    return f"{served.url}gradio_api/file={path}"
+
+
+def test_only_indexed_data_files_are_served(served: Served) -> None:
+    indexed = _query_file(served.data_root).resolve()
+    with httpx.Client(timeout=10) as http:
+        ok = http.get(_file_url(served, indexed))
+        assert ok.status_code == 200 and ok.content == indexed.read_bytes()
+
+        secret = served.data_root.parent / "secret.txt"  # next to the data, not in a domain folder
+        secret.write_text("TOP-SECRET-CONTENT")
+        refused = [
+            "/etc/passwd",
+            str(served.run / "checkpoint.pt"),
+            str(served.run / "config.yaml"),
+            str(served.data_root / "demo.json"),  # data root itself is not an indexed domain folder
+            str(secret),
+            f"{indexed.parent}/../../../secret.txt",
+            f"{indexed.parent}/../../../../../../../../etc/passwd",
+            str(Path.home() / ".bashrc"),
+        ]
+        for path in refused:
+            r = http.get(_file_url(served, path))
+            assert r.status_code in (403, 404), (path, r.status_code)
+            assert b"TOP-SECRET-CONTENT" not in r.content and b"root:x:" not in r.content
+        # URL-encoded traversal is decoded by the router and then refused the same way
+        r = http.get(f"{served.url}gradio_api/file=%2Fetc%2Fpasswd")
+        assert r.status_code in (403, 404)
+        r = http.get(f"{served.url}gradio_api/file={indexed.parent}/..%2F..%2F..%2Fsecret.txt")
+        assert r.status_code in (403, 404)
+
+
+def _raw_call(http: httpx.Client, served: Served, file_path: str, k: int = 3) -> str:
+    """POST /call/search with a file payload pointing at ``file_path``; the SSE text of the outcome."""
+    body = {"data": [{"path": file_path, "meta": {"_type": "gradio.FileData"}}, "auto", ["photo"], k]}
+    event = http.post(f"{served.url}gradio_api/call/search", json=body).json()["event_id"]
+    return http.get(f"{served.url}gradio_api/call/search/{event}").text
+
+
+def test_api_reads_only_uploaded_files(served: Served) -> None:
+    """A client can't make the server read a file by naming its path: only uploads are accepted."""
+    indexed = _query_file(served.data_root).resolve()
+    with httpx.Client(timeout=30) as http:
+        for path in ("/etc/passwd", str(served.run / "checkpoint.pt"), str(indexed)):
+            outcome = _raw_call(http, served, path)
+            assert outcome.startswith("event: error"), (path, outcome[:200])
+        uploaded = http.post(
+            f"{served.url}gradio_api/upload", files={"files": ("q.png", indexed.read_bytes(), "image/png")}
+        ).json()[0]
+        outcome = _raw_call(http, served, uploaded)
+        assert outcome.startswith("event: complete") and "photo" in outcome
+
+
+def test_upload_size_is_limited(served: Served) -> None:
+    big = b"\0" * (11 * 2**20)  # over the default 10 MB
+    with httpx.Client(timeout=30) as http:
+        r = http.post(f"{served.url}gradio_api/upload", files={"files": ("big.png", big, "image/png")})
+    assert r.status_code == 413
+
+
+def test_launch_options_are_safe(app_run: Path, served: Served) -> None:
+    from cdretrieval.retrieval import Retriever
+
+    retriever = Retriever.from_run(app_run, device="cpu")
+    opts = launch_options(retriever, app_run)
+    assert opts["server_name"] == "127.0.0.1" and opts["share"] is False and opts["auth"] is None
+    assert opts["max_file_size"] == "10mb" and opts["show_error"] is False
+    data = served.data_root.resolve()
+    assert sorted(opts["allowed_paths"]) == sorted(str(data / d) for d in ("ink", "outline", "photo"))
+    assert str(app_run.resolve()) in opts["blocked_paths"]
+    assert served.url.startswith("http://127.0.0.1:")
+    # a domain folder that contains the run folder is never opened up (thumbnails still work)
+    assert indexed_folders(retriever, protected=[data / "ink" / "3"]) == [str(data / "outline"), str(data / "photo")]
+
+
+def test_info_panel_and_page(served: Served) -> None:
+    with httpx.Client(timeout=10) as http:
+        page = http.get(served.url)
+        config = http.get(f"{served.url}config").json()
+    assert page.status_code == 200
+    texts = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
+    assert "cross-domain image search" in texts
+    labels = {c.get("props", {}).get("label") for c in config["components"]}
+    assert "Model and index" in labels
+    assert "efficientnet_lite0" in texts and "photo: 120" in texts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_prepare_sketch_rejects_empty_canvas_and_crops_drawing() -> None:
+    for empty in (
+        None,
+        {"composite": None},
+        {"composite": Image.new("RGB", (400, 400), "white")},
+        {"composite": Image.new("RGBA", (400, 400), (0, 0, 0, 0))},
+    ):
+        with pytest.raises(QueryInputError, match="empty"):
+            prepare_sketch(empty)
+    canvas = np.full((400, 400, 3), 255, np.uint8)
+    canvas[50:150, 300:340] = 0  # a 100 × 40 stroke in the top-right corner
+    out = prepare_sketch({"composite": Image.fromarray(canvas)})
+    assert out.mode == "RGB" and out.width == out.height and out.width > 100
+    grey = np.asarray(out.convert("L"))
+    ys, xs = np.nonzero(grey < 128)
+    assert abs((ys.min() + ys.max()) / 2 - out.height / 2) <= 2  # centred
+    assert abs((xs.min() + xs.max()) / 2 - out.width / 2) <= 2
+
+
+def test_ui_handler_shows_errors_in_page(served: Served) -> None:
+    from app.ui import SearchService
+    from cdretrieval.retrieval import Retriever
+
+    service = SearchService(Retriever.from_run(served.run, device="cpu"))
+    gallery, status, payload = service.ui_search("draw", None, {"composite": None}, "auto", [], 5)
+    assert gallery == [] and "empty" in status and payload["ok"] is False
+    gallery, status, payload = service.ui_search("upload", None, None, "auto", [], 5)
+    assert gallery == [] and "no image" in status
+    canvas = np.full((400, 400, 3), 255, np.uint8)
+    canvas[100:300, 190:215] = 0  # a "1"
+    gallery, status, payload = service.ui_search("draw", None, {"composite": Image.fromarray(canvas)}, "ink", [], 4)
+    assert len(gallery) == 4 and payload["target_domains"] == ["outline", "photo"] and "drawing" in status
+
+
+def test_validation_helpers(tmp_path: Path) -> None:
+    assert check_k(10.0) == 10 and check_k("3") == 3
+    for bad in (0, 51, 2.5, "x", None, float("nan")):
+        with pytest.raises(QueryInputError):
+            check_k(bad)
+    domains = ["ink", "outline", "photo"]
+    assert resolve_domains(domains, "auto", []) == (None, domains)
+    assert resolve_domains(domains, "ink", None) == ("ink", ["outline", "photo"])
+    assert resolve_domains(domains, "ink", ["ink"]) == ("ink", ["ink"])
+    with pytest.raises(QueryInputError, match="sketchy"):
+        resolve_domains(domains, "sketchy", [])
+    assert default_targets(domains, "photo") == ["ink", "outline"]
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 2048)
+    with pytest.raises(QueryInputError, match="over the upload limit"):
+        load_upload(big, max_bytes=1024)
+    with pytest.raises(QueryInputError, match="no image"):
+        load_upload(None, max_bytes=1024)
+    assert "a: 1, b: 2" in info_markdown({"counts": {"a": 1, "b": 2}})
+    assert "`/data/my_root`" in info_markdown({"data_root": "/data/my_root"})
+
+
+def test_auth_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_auth("me:s3:cr3t") == ("me", "s3:cr3t")
+    assert parse_auth("") is None and parse_auth(None) is None
+    for bad in ("nocolon", ":pw", "user:"):
+        with pytest.raises(ValueError):
+            parse_auth(bad)
+    monkeypatch.setenv("CDRETRIEVAL_AUTH", "alice:pw")
+    assert resolve_auth(None) == ("alice", "pw")
+    assert resolve_auth(("bob", "x")) == ("bob", "x")
+
+
+def test_auth_is_enforced(app_run: Path, served: Served, free_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.server import launch_app
+
+    monkeypatch.setenv("CDRETRIEVAL_AUTH", "alice:wonderland")
+    demo = launch_app(app_run, port=free_port, prevent_thread_lock=True, device="cpu", examples_per_domain=0)
+    try:
+        url = str(demo.local_url)
+        with httpx.Client(timeout=10) as http:
+            assert http.get(f"{url}config").status_code == 401
+            indexed = _query_file(served.data_root).resolve()
+            assert http.get(f"{url}gradio_api/file={indexed}").status_code == 401
+        authed = Client(url, auth=("alice", "wonderland"), verbose=False)
+        _, result = _search(authed, _query_file(served.data_root), "ink", ["photo"], 3)
+        assert len(result["results"]) == 3
+    finally:
+        demo.close()
+
+
+def test_main_reports_missing_run_and_index(
+    app_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from app.cli import main
+
+    assert main(["--run", str(tmp_path / "nope"), "--port", "0"]) == 2
+    assert "nope" in capsys.readouterr().err
+    no_index = tmp_path / "run-without-index"
+    no_index.mkdir()
+    for name in ("checkpoint.pt", "config.yaml"):
+        shutil.copy(app_run / name, no_index / name)
+    assert main(["--run", str(no_index), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "index" in err and "cdretrieval index" in err, err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+
+
+def test_upload_component_reports_undecodable_file(tmp_path: Path) -> None:
+    import gradio as gr
+
+    from app.ui import readable_decode_errors
+
+    image = readable_decode_errors(gr.Image(type="filepath", image_mode=None, render=False))
+    text = tmp_path / "upload.png"
+    text.write_text("not an image")
+    with pytest.raises(gr.Error, match=r"notes\.png: not a readable image"):
+        image.preprocess(image.data_model(path=str(text), orig_name="notes.png"))
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), "red").save(good)
+    assert image.preprocess(image.data_model(path=str(good), orig_name="good.png")) == str(good)
+
+
+def test_thumbnails_are_small_and_missing_files_get_a_tile(served: Served, tmp_path: Path) -> None:
+    from app.ui import ThumbnailCache
+
+    cache = ThumbnailCache(size=32, capacity=2)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), "blue").save(big)
+    assert cache.get(str(big)).size == (32, 21)
+    assert cache.get(str(tmp_path / "gone.png")).size == (32, 32)  # a grey tile, no exception
+    cache.get(str(_query_file(served.data_root)))
+    assert len(cache._items) == 2
