@@ -274,8 +274,8 @@ def feature_cache_key(cfg: RunConfig, samples: Sequence[Sample]) -> str:
             [m.backbone, m.weights, d.image_size, d.aug_strength, d.min_scale, d.hflip, d.blur, t.cached_views, t.seed],
         ).encode()
     )
-    for s in samples:
-        h.update(s.path.encode())
+    for s in samples:  # real paths: the same files reached through links share one cache
+        h.update(os.path.realpath(s.path).encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
 
