@@ -391,7 +391,7 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
 
 
-def _comparable(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
+def comparable_config(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Config fields that must not change on resume (epochs, logging and workers may)."""
     d = json.loads(json.dumps(cfg_dict))
     for k in ("epochs", "checkpoint_every", "log_every", "tensorboard", "device"):
@@ -665,7 +665,7 @@ class Trainer:
         if not (self.run_dir / CHECKPOINT_FILE).is_file():
             return False
         ckpt = load_checkpoint(self.run_dir, map_location=self.device)
-        if _comparable(ckpt["config"]) != _comparable(self.cfg.to_dict()):
+        if comparable_config(ckpt["config"]) != comparable_config(self.cfg.to_dict()):
             raise CheckpointError(
                 f"{self.run_dir}: its checkpoint was trained with another config; use a new --out folder, "
                 "or resume with the same settings (only epochs/logging may change)"
