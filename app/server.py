@@ -71,14 +71,19 @@ def _too_broad(folder: Path, protected: Iterable[Path]) -> bool:
 
 
 def indexed_folders(retriever: Retriever, protected: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
-    """One folder per indexed domain (the common folder of its images), minus over-broad ones."""
+    """One folder per indexed domain (the common folder of its images), minus over-broad ones.
+
+    The folders are where the images are *listed*, not where symlinks among them point: a link to a file
+    elsewhere must not widen what is served to the common ancestor of both places (Gradio resolves links
+    in a requested path before checking it against these folders, so such a file is just not served).
+    """
     prot = [Path(p).resolve() for p in protected]
     folders: list[str] = []
     for domain, paths in _item_paths(retriever).items():
-        parents = {str(Path(p).resolve().parent) for p in paths}
+        parents = {os.path.dirname(os.path.abspath(p)) for p in paths}
         if not parents:
             continue
-        folder = Path(os.path.commonpath(sorted(parents)))
+        folder = Path(os.path.commonpath(sorted(parents))).resolve()
         if _too_broad(folder, prot):
             logger.warning("not serving %s (domain %r) as files: too broad; thumbnails only", folder, domain)
             continue

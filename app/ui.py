@@ -92,6 +92,9 @@ def readable_decode_errors(image: gr.Image) -> gr.Image:
     def preprocess(payload: Any) -> Any:
         try:
             return original(payload)
+        except Image.DecompressionBombError as e:  # the header claims more pixels than PIL will decode
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            raise gr.Error(f"{name}: image too large ({e}); upload a smaller image", print_exception=False) from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
             name = getattr(payload, "orig_name", None) or "the uploaded file"
             raise gr.Error(f"{name}: not a readable image ({type(e).__name__}); upload a PNG, JPEG, ... file") from e

@@ -490,6 +490,13 @@ def build_indexes(
     assert model.run_dir is not None
     embedded = _embed_all(model, data, model.run_dir / EMBEDDINGS_DIR, split, chunk_size=chunk_size,
                           batch_size=batch_size, num_workers=num_workers, progress=progress, resume=resume)
+    unreadable = {d: e.skipped for d, e in embedded.items() if len(e) == 0}
+    if unreadable:
+        d, skipped = next(iter(unreadable.items()))
+        raise DataError(
+            f"no readable image in domain(s) {list(unreadable)}: all {len(skipped)} image(s) of {d!r} were "
+            f"skipped (e.g. {skipped[0][1]}); fix or remove them, or leave the domain out with --domains"
+        )
     try:
         iset = IndexSet.build(
             {d: e.embeddings for d, e in embedded.items()},

@@ -86,6 +86,9 @@ def query_to_image(query: Any, name: str = "query") -> Image.Image:
         if isinstance(query, Image.Image):
             return as_rgb_image(query, name)
         if isinstance(query, torch.Tensor):
+            if query.is_meta or query.layout != torch.strided:
+                raise QueryError(f"{name} tensor must be a dense tensor with data, got layout {query.layout} "
+                                 f"on device {query.device}")
             t = query.detach().cpu()
             if t.ndim != 3 or t.shape[0] not in (1, 3):
                 raise QueryError(f"{name} tensor must have shape (3,H,W) (or (1,H,W)), got {tuple(t.shape)}")
@@ -211,7 +214,12 @@ class Retriever:
             if not targets:
                 raise QueryError(f"no domain to search besides the source {source_domain!r}; indexed: {known}")
             return targets
-        names = [target_domain] if isinstance(target_domain, str) else list(target_domain)
+        if isinstance(target_domain, str):
+            names = [target_domain]
+        elif isinstance(target_domain, Sequence):
+            names = list(target_domain)
+        else:
+            raise QueryError(f"target_domain must be a domain name, a list of them or None, got {target_domain!r}")
         if not names:
             raise QueryError(f"no target domain given; indexed domains: {known}")
         for d in names:
@@ -238,7 +246,17 @@ class Retriever:
         """:meth:`search_batch` for query embeddings ``[Q, D]`` that are already computed."""
         k = self._check_k(k)
         targets = self._targets(target_domain, source_domain)
-        q = np.asarray(embeddings, dtype=np.float32)
+        if isinstance(embeddings, torch.Tensor):  # any device; bf16/fp16 (numpy has no bf16) as float32
+            embeddings = embeddings.detach().cpu()
+            embeddings = embeddings.float() if embeddings.is_floating_point() else embeddings
+        try:
+            q = np.asarray(embeddings)
+        except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, ...
+            raise QueryError(f"query embeddings must be a numeric [Q, {self.indexes.dim}] array ({e})") from e
+        if q.dtype.kind not in "iuf":  # complex, strings, objects, bools: not embeddings
+            raise QueryError(f"query embeddings must be real numbers, got dtype {q.dtype}")
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, reported just below
+            q = q.astype(np.float32)
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != self.indexes.dim:
@@ -282,7 +300,10 @@ class Retriever:
         if isinstance(queries, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, np.ndarray,
                                 torch.Tensor)):
             raise QueryError(f"search_batch takes a list of queries, got one {type(queries).__name__}; use search()")
-        queries = list(queries)
+        try:
+            queries = list(queries)
+        except TypeError:
+            raise QueryError(f"search_batch takes a list of queries, got {type(queries).__name__}") from None
         k = self._check_k(k)
         self._targets(target_domain, source_domain)  # fail before the (slower) forward pass
         return self.search_embeddings(self.encode_batch(queries), target_domain, k, source_domain)

@@ -59,7 +59,7 @@ from cdretrieval.data.transforms import eval_transform, train_transform
 from cdretrieval.device import amp_dtype, autocast, resolve_device, use_channels_last
 from cdretrieval.embed import extract, make_loader
 from cdretrieval.errors import CheckpointError, DataError
-from cdretrieval.io import atomic_torch_save, torch_load
+from cdretrieval.io import atomic_torch_save, atomic_write_text, torch_load
 from cdretrieval.losses import (
     cluster_concentration,
     cross_domain_entropy_loss,
@@ -680,7 +680,25 @@ class Trainer:
         _set_rng_state(ckpt["rng"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.last_losses = dict(ckpt.get("last_losses", {}))
+        self._trim_log()
         return True
+
+    def _trim_log(self) -> None:
+        """Keep only the log records up to the checkpoint (a killed run may have logged past it, or died
+        mid-line), so a resumed run's log reads as one uninterrupted run."""
+        if rank() != 0 or not self._log_path.is_file():
+            return
+        kept = []
+        for line in self._log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= self.step and (
+                "epoch_mean" not in rec or int(rec.get("epoch", 0)) < self.epoch
+            ):
+                kept.append(line)
+        atomic_write_text(self._log_path, "".join(k + "\n" for k in kept))
 
     # ---- the whole run
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 #: Largest image accepted, in pixels (width × height): ~ 8k × 8k. Bigger is treated as a decompression bomb.
 MAX_IMAGE_PIXELS = 64_000_000
 
+#: Largest accepted ratio of the longer to the shorter side. The eval transform resizes the *shorter* side to
+#: the model's input size, so a 1 × 1,000,000 px strip (a 1 kB PNG) would become a 64 × 64,000,000 px image
+#: (16 GB of memory, a minute of CPU) before its centre is cropped; such strips are refused instead.
+MAX_ASPECT_RATIO = 100
+
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` has an image file extension (case-insensitive); hidden files are not images."""
@@ -24,12 +28,13 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
     """Convert any PIL mode to 8-bit RGB.
 
     Transparent pixels (LA, RGBA, PA, P with transparency) are composited on white, which is what a
     sketch or clip-art on a transparent background means; 16/32-bit greyscale (I;16, I) is rescaled
     from its actual range; CMYK and YCbCr go through PIL's converters. Animated images use frame 0.
+    A float image (mode F) with NaN or infinite pixels raises :class:`ImageLoadError` naming ``name``.
     """
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
@@ -40,11 +45,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        if mode == "La":
+            img = img.convert("LA")  # PIL converts premultiplied La only to LA
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageLoadError(f"{name}: image has NaN or infinite pixel values")
         lo, hi = float(np.min(arr)), float(np.max(arr))
         scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
         return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
@@ -55,6 +64,11 @@ def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageLoadError(f"{name}: image has no pixels ({w}x{h})")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageLoadError(
+            f"{name}: image is {w}x{h}, its long side over {MAX_ASPECT_RATIO} times its short side (resizing it "
+            "for the model would need too much memory); crop it first"
+        )
     if w * h > max_pixels:
         raise ImageLoadError(
             f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
@@ -63,20 +77,23 @@ def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
 
 
 def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:
+    # No warnings.catch_warnings() here: it swaps the process-wide filter list and is not thread-safe (the
+    # server decodes in several threads). PIL raises DecompressionBombError itself beyond twice its limit;
+    # below that _check_size refuses anything over max_pixels before a pixel is decoded.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                _check_size(img, name, max_pixels)
-                img.load()  # force full decode now: truncated files fail here, not later
-                upright: Image.Image = ImageOps.exif_transpose(img) or img
-                return to_rgb(upright)
+        with Image.open(fp) as img:
+            _check_size(img, name, max_pixels)
+            img.load()  # force full decode now: truncated files fail here, not later
+            upright: Image.Image = ImageOps.exif_transpose(img) or img
+            return to_rgb(upright, name)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"{name}: refused as a possible decompression bomb ({e})") from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"{name}: not a readable image file (unknown or corrupt format)") from e
+    except (PermissionError, IsADirectoryError) as e:
+        raise ImageLoadError(f"{name}: cannot read the file ({e.strerror})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(f"{name}: corrupt or truncated image ({e})") from e
 
@@ -84,11 +101,16 @@ def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:
 def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Load an image file as RGB, raising :class:`ImageLoadError` naming the file on any problem."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists, is_file = p.exists(), p.is_file()
+        size = p.stat().st_size if is_file else -1
+    except (OSError, ValueError) as e:  # name too long, permission denied on a parent folder, ...
+        raise ImageLoadError(f"{p}: cannot access the file ({e})") from e
+    if not exists:
         raise ImageLoadError(f"{p}: no such file")
-    if not p.is_file():
+    if not is_file:
         raise ImageLoadError(f"{p}: not a file")
-    if p.stat().st_size == 0:
+    if size == 0:
         raise ImageLoadError(f"{p}: empty file (0 bytes)")
     return _decode(p, str(p), max_pixels)
 
@@ -101,6 +123,11 @@ def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_I
 
 
 def as_rgb_image(img: Image.Image, name: str = "<image>", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Validate an in-memory PIL image and return it as RGB."""
+    """Validate an in-memory PIL image and return it as RGB (:class:`ImageLoadError` when it can't be)."""
     _check_size(img, name, max_pixels)
-    return to_rgb(ImageOps.exif_transpose(img) or img)
+    try:
+        return to_rgb(ImageOps.exif_transpose(img) or img, name)
+    except ImageLoadError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a closed image, a mode PIL can't convert, ...
+        raise ImageLoadError(f"{name}: cannot convert the image to RGB ({e})") from e
