@@ -39,11 +39,41 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _path_prefixes() -> list[tuple[str, str]]:
+    """Machine-specific path prefixes and what results say instead (longest first)."""
+    from cdretrieval.paths import cache_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    pairs = [
+        (str(cache_dir().resolve()), "$CDRETRIEVAL_CACHE"),
+        (str(repo), "."),
+        (str(repo.parent), ".."),
+        (str(Path.home()), "~"),
+    ]
+    return sorted(pairs, key=lambda p: len(p[0]), reverse=True)
+
+
+def portable(obj: Any, prefixes: list[tuple[str, str]] | None = None) -> Any:
+    """``obj`` with absolute paths of this machine rewritten (cache → ``$CDRETRIEVAL_CACHE``, the repository →
+    ``.``, its parent → ``..``, home → ``~``), so committed results name no machine's folders."""
+    prefixes = _path_prefixes() if prefixes is None else prefixes
+    if isinstance(obj, str):
+        for prefix, short in prefixes:
+            obj = obj.replace(prefix, short)
+        return obj
+    if isinstance(obj, dict):
+        return {k: portable(v, prefixes) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [portable(v, prefixes) for v in obj]
+    return obj
+
+
 def write_outputs(name: str, payload: dict[str, Any], table: str, out_dir: Path | None = None) -> Path:
-    """Write ``<name>.json`` and ``<name>.md`` (the table) under ``out_dir``; print the table."""
+    """Write ``<name>.json`` and ``<name>.md`` (the table) under ``out_dir``, with portable paths; print the table."""
     folder = out_dir or RESULTS
-    payload = {"benchmark": name, "created": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": machine(),
-               **payload}
+    payload = portable({"benchmark": name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+                        "machine": machine(), **payload})
+    table = portable(table)
     atomic_write_json(folder / f"{name}.json", payload)
     atomic_write_text(folder / f"{name}.md", table + "\n")
     print(table)
