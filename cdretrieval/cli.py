@@ -22,34 +22,27 @@ Handler = Callable[[argparse.Namespace], int]
 # Argument types: bad values are reported by argparse as ``error: ...`` with exit status 2.
 
 
-def _positive_int(text: str) -> int:
+def _checked(convert: Callable[[str], float], ok: Callable[[float], bool], what: str, text: str) -> float:
+    """Parse ``text`` with ``convert`` and check it with ``ok``; else argparse's ``expected <what>`` error."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return int(_checked(int, lambda v: v >= 1, "a positive integer", text))
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
-    return value
+    return int(_checked(int, lambda v: v >= 0, "an integer ≥ 0", text))
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _checked(float, lambda v: v > 0, "a positive number", text)
 
 
 def _int_list(text: str) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,16 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cdretrieval.data.demo import generate_demo_data
 
     return generate_demo_data(tmp_path_factory.mktemp("demo") / "digits", per_domain=120)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): with tiny
+    tensors, or with 2 busy cores, OpenMP hand-offs between two threads cost more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

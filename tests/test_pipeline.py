@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cdretrieval.embedding_chunks import PROGRESS_FILE, Chunk, ChunkStore
@@ -32,13 +30,7 @@ FAST: dict[str, Any] = {"num_workers": 0, "progress": False, "device": "cpu"}
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Model-heavy module: one intra-op thread (faster than two on the shared 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from cdretrieval.errors import ImageLoadError
 
 
 class ImageDataset(Dataset[Any]):
-    """``i → (image tensor, i)``; with ``skip_bad`` an unreadable file yields ``(None, i, reason)``.
+    """``i → (image tensor, i, "", (width, height))``; with ``skip_bad`` an unreadable file yields
+    ``(None, i, reason, (0, 0))``. The size is read in the worker that decodes the image anyway.
 
     Pair with :func:`collate_skipping` so a batch drops the bad items and reports them.
     """
@@ -29,21 +30,26 @@ class ImageDataset(Dataset[Any]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, tuple[int, int]]:
         try:
-            return self.transform(load_image(self.samples[i].path)), i, ""
+            img = load_image(self.samples[i].path)
+            return self.transform(img), i, "", img.size
         except ImageLoadError as e:
             if not self.skip_bad:
                 raise
-            return None, i, str(e)
+            return None, i, str(e), (0, 0)
 
 
-def collate_skipping(batch: list[tuple[torch.Tensor | None, int, str]]) -> dict[str, Any]:
-    """Stack the good images; list the bad ones as ``(index, reason)``."""
-    good = [(x, i) for x, i, _ in batch if x is not None]
-    bad = [(i, reason) for x, i, reason in batch if x is None]
-    images = torch.stack([x for x, _ in good]) if good else torch.empty(0)
-    return {"images": images, "indices": torch.tensor([i for _, i in good], dtype=torch.long), "bad": bad}
+def collate_skipping(batch: list[tuple[torch.Tensor | None, int, str, tuple[int, int]]]) -> dict[str, Any]:
+    """Stack the good images (with ``indices`` and ``sizes`` [b_ok, 2]); list the bad ones as ``(index, reason)``."""
+    good = [(x, i, size) for x, i, _, size in batch if x is not None]
+    bad = [(i, reason) for x, i, reason, _ in batch if x is None]
+    return {
+        "images": torch.stack([x for x, _, _ in good]) if good else torch.empty(0),
+        "indices": torch.tensor([i for _, i, _ in good], dtype=torch.long),
+        "sizes": torch.tensor([size for _, _, size in good], dtype=torch.long).reshape(-1, 2),
+        "bad": bad,
+    }
 
 
 def warn_skipped(bad: Sequence[tuple[int, str]], what: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +9,7 @@ import torch.nn.functional as F
 from cdretrieval.clustering.kmeans import spherical_kmeans
 from cdretrieval.clustering.sinkhorn import balanced_kmeans, sinkhorn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cosine_scores(n: int, k: int, dim: int = 16, seed: int = 0) -> torch.Tensor:

@@ -7,18 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from cdretrieval.retrieval import Retriever
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Model-heavy modules: one intra-op thread (faster than two on the shared 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread_per_module(one_thread: None) -> None:
+    """Every reliability module runs with one intra-op thread (see ``one_thread`` in tests/conftest.py)."""
 
 
 def free_port() -> int:
