@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from cdretrieval.errors import CDRetrievalError
 
 if TYPE_CHECKING:
     from cdretrieval.config import RunConfig as RunConfigT
+    from cdretrieval.rerank import RerankParams
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -45,6 +47,10 @@ def _positive_float(text: str) -> float:
     return _checked(float, lambda v: v > 0, "a positive number", text)
 
 
+def _non_negative_float(text: str) -> float:
+    return _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0", text)
+
+
 def _int_list(text: str) -> list[int]:
     """``"1,5,15"`` → ``[1, 5, 15]`` (positive integers)."""
     parts = [t.strip() for t in text.split(",") if t.strip()]
@@ -69,6 +75,39 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=_non_negative_int, default=2, help="image decoding workers (default 2)")
     p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+#: ``--dba-k`` etc.: option → RerankParams field. Their defaults live in RerankParams alone.
+_RERANK_OPTIONS = {"dba_k": "--dba-k", "dba_power": "--dba-power", "qe_k": "--qe-k", "qe_alpha": "--qe-alpha"}
+
+
+def _add_rerank_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--rerank/--no-rerank`` (default on) and the four re-ranking parameters."""
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"re-rank {what}: database-side augmentation + α-query expansion (default: on)")
+    p.add_argument("--dba-k", type=_positive_int, default=None,
+                   help="neighbours averaged per gallery vector, itself included; 1 = no DBA (default 10)")
+    p.add_argument("--dba-power", type=_non_negative_float, default=None,
+                   help="DBA weight exponent p in max(s,0)^p (default 3)")
+    p.add_argument("--qe-k", type=_non_negative_int, default=None,
+                   help="top hits added to the query; 0 = no query expansion (default 10)")
+    p.add_argument("--qe-alpha", type=_non_negative_float, default=None,
+                   help="query-expansion weight exponent α in max(s,0)^α (default 3)")
+
+
+def _rerank_given(args: argparse.Namespace) -> list[str]:
+    """The re-ranking parameter options given on the command line."""
+    return [opt for field, opt in _RERANK_OPTIONS.items() if getattr(args, field, None) is not None]
+
+
+def _rerank_params(args: argparse.Namespace) -> RerankParams | None:
+    """The re-ranking asked for: None with ``--no-rerank``, else the defaults overridden by the options."""
+    from cdretrieval.rerank import RerankParams
+
+    if args.rerank is False:
+        return None
+    given = {field: getattr(args, field) for field in _RERANK_OPTIONS if getattr(args, field) is not None}
+    return RerankParams(**given)
 
 
 def _domain_list(text: str | None) -> list[str] | None:
@@ -133,15 +172,17 @@ def _cmd_index(args: argparse.Namespace) -> int:
         }
         print(json.dumps(info, indent=2))
         return 0
+    rerank = _rerank_params(args)
     iset = build_indexes(
         args.run, args.data, domains, index_type=args.index_type, memory_budget_mb=args.memory_budget_mb,
         split=args.split, feature=args.feature, batch_size=args.batch_size, num_workers=args.num_workers,
-        device=args.device, progress=args.progress,
+        device=args.device, progress=args.progress, rerank=rerank,
     )
     info = {
         "run": args.run,
         "dim": iset.dim,
         "domains": {d: {"count": len(iset[d]), "index_type": iset[d].index_type} for d in iset},
+        "rerank": rerank.to_dict() if rerank is not None else None,
     }
     print(json.dumps(info, indent=2))
     return 0
@@ -168,7 +209,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from cdretrieval.retrieval import Retriever
 
     retriever = Retriever.from_run(args.run, device=args.device)
-    results = retriever.search(args.query, _domain_list(args.target), k=args.k, source_domain=args.source)
+    results = retriever.search(args.query, _domain_list(args.target), k=args.k, source_domain=args.source,
+                               rerank=args.rerank)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -185,7 +227,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(
         args.data, _domain_list(args.domains), run_dir=args.run, backbone=args.backbone, ks=args.ks,
         split=args.split, feature=args.feature, image_size=args.image_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device, progress=args.progress,
+        num_workers=args.num_workers, device=args.device, progress=args.progress, rerank=_rerank_params(args),
     )
     print(format_table(result))
     if args.json:
@@ -315,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", choices=("head", "backbone"), default=None,
                    help="embedding to index (default: the run's model.index_feature)")
     p.add_argument("--add", nargs="+", default=None, metavar="PATH",
-                   help="append these images / folders to the index of the one domain named by --domains")
+                   help="append these images / folders to the index of the one domain named by --domains "
+                        "(re-ranked as the index was built)")
+    _add_rerank_options(p, "searches over the new indexes (recorded in their manifests)")
     _add_model_options(p)
     p.set_defaults(func=_cmd_index)
 
@@ -326,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--source", default=None, help="the query's domain (left out of the default targets)")
     p.add_argument("--json", action="store_true", help="print the results as a JSON list")
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                   help="query expansion: --no-rerank searches plainly (default: as the index was built)")
     p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.set_defaults(func=_cmd_search)
 
@@ -343,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="eval image side, a multiple of 32 (default: the run's; 128 without --run)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
+    _add_rerank_options(p, "as searches do (DBA galleries, expanded queries)")
     _add_model_options(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -376,6 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("index --add: name the one domain to extend with --domains DOMAIN")
         if not args.add and not args.data:
             parser.error("index: give --data ROOT (or --add PATH... to extend an index)")
+        if args.add and (args.rerank is not None or _rerank_given(args)):
+            parser.error("index --add: new images are re-ranked as the index was built; rebuild to change that")
+    if args.command in ("index", "evaluate") and args.rerank is False and _rerank_given(args):
+        parser.error(f"{args.command}: {', '.join(_rerank_given(args))} given with --no-rerank")
     if args.command == "evaluate" and args.image_size is not None and args.image_size % 32:
         parser.error(f"evaluate: --image-size must be a multiple of 32, got {args.image_size}")
     func: Handler = args.func

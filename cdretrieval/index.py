@@ -10,7 +10,16 @@ that has a ``manifest.json`` is complete)::
     index.faiss     faiss.serialize_index of the CPU index
     items.jsonl     one JSON object per vector, in id order: path, domain, label, width, height
     manifest.json   format_version, model_hash, dim, metric, index_type, count, domain, created,
-                    faiss_version, params (nlist, nprobe, ...), files (size + sha256 of the two above)
+                    faiss_version, params (nlist, nprobe, ...), files (size + sha256 of the two above),
+                    rerank (re-ranking params, or null) and dba_graph ("exact" / "hnsw", or null)
+
+Re-ranking (:mod:`cdretrieval.rerank`): an index built with ``rerank=RerankParams(...)`` holds the
+database-side-augmented (DBA) vectors of its domain instead of the raw embeddings, and its manifest records
+the params, so a loaded index describes itself; an index saved before re-ranking existed (no ``rerank``
+key) loads as "no re-ranking". Query expansion needs the stored vectors of the top hits:
+:meth:`DomainIndex.reconstruct` reads them back from the FAISS index itself (flat and HNSW exactly, IVF
+through a direct map that every IVF index here keeps, IVF-PQ as its compressed approximations), so the
+on-disk format has no extra file.
 
 GPU: when FAISS sees a GPU (``faiss.get_num_gpus() > 0``, i.e. the faiss-gpu build on a CUDA machine) and
 ``use_gpu`` allows it, searches run on a GPU copy (sharded over all GPUs when there are several); the CPU
@@ -36,6 +45,7 @@ import numpy as np
 
 from cdretrieval.errors import DataError, IndexFileError, IndexMismatchError, QueryError
 from cdretrieval.io import atomic_write_bytes, atomic_write_json, read_json
+from cdretrieval.rerank import RerankParams, augment_new_items, database_side_augmentation, knn_graph_method
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +363,33 @@ def _gpu_copy(index: faiss.Index, index_type: str, use_gpu: UseGpu) -> faiss.Ind
         return None
 
 
+def _ensure_direct_map(index: faiss.Index) -> None:
+    """Give an IVF index an id → (list, offset) map so ``reconstruct`` works (8 bytes per vector)."""
+    ivf = faiss.try_extract_index_ivf(index)  # None: not an IVF index
+    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+        ivf.make_direct_map(True)
+
+
+def rerank_from_manifest(manifest: Mapping[str, Any]) -> RerankParams | None:
+    """The re-ranking params a manifest records; None when it records none (or predates re-ranking).
+
+    Raises:
+        ValueError: a malformed ``rerank`` entry.
+    """
+    value = manifest.get("rerank")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"'rerank' must be an object or null, got {value!r}")
+    return RerankParams.from_dict(value)
+
+
+def _check_rerank(rerank: Any) -> RerankParams | None:
+    if rerank is not None and not isinstance(rerank, RerankParams):
+        raise ValueError(f"rerank must be a RerankParams or None, got {rerank!r}")
+    return rerank
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -378,6 +415,8 @@ class DomainIndex:
         self.manifest: dict[str, Any] = dict(manifest)
         assert index.ntotal == len(self.items) == self.manifest["count"], "index/items/manifest out of sync"
         assert index.d == self.manifest["dim"]
+        self.rerank: RerankParams | None = rerank_from_manifest(self.manifest)
+        _ensure_direct_map(index)  # reconstruct() for query expansion
         self._use_gpu = _check_use_gpu(use_gpu)
         self._gpu_index = _gpu_copy(index, self.index_type, self._use_gpu)
 
@@ -430,6 +469,7 @@ class DomainIndex:
         pq_m: int | None = None,
         memory_budget_mb: float | None = None,
         use_gpu: UseGpu = "auto",
+        rerank: RerankParams | None = None,
     ) -> DomainIndex:
         """Index ``embeddings`` [N, D] (L2-normalised here) of ``domain``, one :class:`Item` per row.
 
@@ -442,6 +482,10 @@ class DomainIndex:
             pq_m: PQ sub-quantizers for "ivfpq" (default :func:`default_pq_m`), 8 bits each.
             memory_budget_mb: budget for "auto" (None = unlimited).
             use_gpu: "auto"/True search on GPU when FAISS has one; False never.
+            rerank: re-ranking params (None = plain index). With DBA (``dba_k > 1``) the index holds each
+                vector's :func:`~cdretrieval.rerank.database_side_augmentation` (neighbour graph exact up
+                to :data:`~cdretrieval.rerank.EXACT_KNN_MAX` vectors, HNSW above); the params are recorded
+                in the manifest for query expansion at search time.
 
         Raises:
             DataError: no embeddings (empty domain), non-finite or zero rows, items that don't match, or too
@@ -460,6 +504,11 @@ class DomainIndex:
         x = _normalised_rows(x, f"embeddings of domain {domain!r}", DataError)  # [N, D] unit rows
         n, dim = x.shape
         items = _check_items(items, n, domain)
+        rerank = _check_rerank(rerank)
+        dba_graph = None
+        if rerank is not None and rerank.uses_dba:
+            dba_graph = knn_graph_method(n)
+            x = database_side_augmentation(x, rerank)  # [N, D] unit rows, replaces the raw vectors
 
         requested = index_type
         if index_type == "auto":
@@ -485,19 +534,26 @@ class DomainIndex:
             "created": _now_iso(),
             "faiss_version": faiss.__version__,
             "params": params,
+            "rerank": rerank.to_dict() if rerank is not None else None,
+            "dba_graph": dba_graph,
         }
         return cls(index, items, manifest, use_gpu=use_gpu)
 
     def add(self, embeddings: Any, items: Sequence[Item]) -> None:
         """Append ``embeddings`` [M, D] and their items without rebuilding (IVF types keep their training).
 
-        New rows get ids ``len(self) .. len(self) + M - 1``. An empty [0, D] batch is a no-op.
+        New rows get ids ``len(self) .. len(self) + M - 1``. An empty [0, D] batch is a no-op. With DBA
+        (:attr:`rerank`), a new vector is augmented with its ``dba_k − 1`` nearest *stored* (augmented)
+        vectors plus itself (:func:`~cdretrieval.rerank.augment_new_items`); existing vectors are left as
+        they are — rebuilding the index recomputes every neighbourhood.
         """
         x = _to_numpy(embeddings)
         if x.ndim == 2 and x.shape[0] == 0 and len(items) == 0:
             return
         x = _normalised_rows(x, "added embeddings", DataError, expected_dim=self.dim)
         new_items = _check_items(items, x.shape[0], self.domain)
+        if self.rerank is not None and self.rerank.uses_dba and len(self) > 0:
+            x = augment_new_items(x, self, self.rerank)
         self.index.add(x)
         self.items.extend(new_items)
         self.manifest["count"] = int(self.index.ntotal)
@@ -527,6 +583,22 @@ class DomainIndex:
         scores, ids = index.search(q, k_eff)  # [Q, k'] each
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids.astype(np.int64)
+
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        """The stored vectors of ``ids`` [n]: [n, D] float32 (the DBA vectors when the index has DBA).
+
+        Exact for flat, HNSW and IVF indexes; IVF-PQ gives the decoded (approximate) vectors.
+
+        Raises:
+            QueryError: an id outside ``[0, len(self))``.
+        """
+        i = np.asarray(ids).reshape(-1)
+        if i.size == 0:
+            return np.empty((0, self.dim), np.float32)
+        if not np.issubdtype(i.dtype, np.integer) or i.min() < 0 or i.max() >= len(self):
+            raise QueryError(f"ids must be integers in [0, {len(self)}), got {i[:8].tolist()}...")
+        out = self.index.reconstruct_batch(np.ascontiguousarray(i, dtype=np.int64))  # CPU index
+        return np.asarray(out, dtype=np.float32).reshape(i.size, self.dim)
 
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
@@ -629,6 +701,10 @@ class DomainIndex:
                 f"{folder / INDEX_FILE}: dim {index.d} / metric {index.metric_type} do not match the "
                 f"manifest (dim {manifest['dim']}, inner product); {_REBUILD_HINT}"
             )
+        try:
+            rerank_from_manifest(manifest)
+        except (ValueError, TypeError) as e:
+            raise IndexFileError(f"{manifest_path}: bad 'rerank' entry ({e}); {_REBUILD_HINT}") from e
         _apply_search_params(index, manifest.get("params", {}))
         return cls(index, items, manifest, use_gpu=use_gpu)
 

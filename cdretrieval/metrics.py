@@ -21,6 +21,13 @@ from typing import Any
 import numpy as np
 
 from cdretrieval.errors import DataError, QueryError
+from cdretrieval.rerank import (
+    ArrayGallery,
+    RerankParams,
+    alpha_query_expansion,
+    database_side_augmentation,
+    l2_normalize,
+)
 
 Metrics = dict[str, Any]
 
@@ -275,6 +282,7 @@ def evaluate_domains(
     ks: Sequence[int] = (1, 5, 15),
     paired: Mapping[tuple[str, str], Any] | None = None,
     chunk: int = 1024,
+    rerank: RerankParams | None = None,
 ) -> dict[str, Any]:
     """Evaluate every directed pair (A → B, A ≠ B) of ``domains``, each domain both as query and gallery.
 
@@ -285,6 +293,11 @@ def evaluate_domains(
         ks: cut-offs for P@k / R@k.
         paired: optional (A, B) → [N_A] int paired gallery index in B for each query of A (adds R@k).
         chunk: see :func:`evaluate_pair`.
+        rerank: re-ranking as served (:mod:`cdretrieval.rerank`): each gallery domain is replaced by its
+            database-side augmentation (L2-normalised float32, neighbour graph as at index time), queries
+            stay raw (a query is a new image) and get α-query expansion against each gallery domain
+            (exact search) before the gallery is ranked. This is what a
+            :class:`~cdretrieval.retrieval.Retriever` over flat indexes built with the same params returns.
 
     Returns:
         ``{"pairs": [{"query": A, "gallery": B, "n_query", "n_gallery", "P@k"..., "mAP", "R@k"...}],
@@ -305,13 +318,26 @@ def evaluate_domains(
     for a, b in paired:
         if a not in names or b not in names or a == b:
             raise QueryError(f"paired key {(a, b)!r} is not a pair of distinct evaluated domains {names}")
+    if rerank is not None and not isinstance(rerank, RerankParams):
+        raise QueryError(f"rerank must be a RerankParams or None, got {rerank!r}")
+
+    queries: Mapping[str, Any] = embeddings
+    galleries: Mapping[str, Any] = embeddings
+    expand: dict[str, ArrayGallery] = {}
+    if rerank is not None:
+        queries = {d: _unit_rows(embeddings[d], f"embeddings[{d!r}]") for d in names}  # [N_d, D] float32
+        galleries = {d: database_side_augmentation(queries[d], rerank) for d in names}
+        expand = {d: ArrayGallery(galleries[d]) for d in names}
 
     rows: list[dict[str, Any]] = []
     for a, b in itertools.permutations(names, 2):
+        q = queries[a]
+        if rerank is not None:
+            q = alpha_query_expansion(q, expand[b], rerank)  # specific to gallery domain b
         metrics = evaluate_pair(
-            embeddings[a],
+            q,
             labels[a],
-            embeddings[b],
+            galleries[b],
             labels[b],
             ks=ks,
             paired_index=paired.get((a, b)),
@@ -324,6 +350,17 @@ def evaluate_domains(
         vals = [row[key] for row in rows if row.get(key) is not None]
         mean[key] = float(np.mean(vals)) if vals else None
     return {"pairs": rows, "mean": mean}
+
+
+def _unit_rows(x: Any, name: str) -> np.ndarray:
+    """``x`` [N, D] as L2-normalised float32 rows; ``DataError`` naming ``name`` otherwise."""
+    a = _check_embeddings(x, name)
+    if a.shape[0] == 0:
+        raise DataError(f"{name} has no rows")
+    try:
+        return l2_normalize(a, name)
+    except ValueError as e:
+        raise DataError(str(e)) from e
 
 
 def _fmt(value: Any) -> str:

@@ -46,6 +46,7 @@ from cdretrieval.io import read_json
 from cdretrieval.metrics import evaluate_domains
 from cdretrieval.models.backbones import DEFAULT_BACKBONE
 from cdretrieval.models.encoder import Encoder, build_encoder, state_dict_hash
+from cdretrieval.rerank import DEFAULT_RERANK, RerankParams
 from cdretrieval.run import INDEX_DIR, load_encoder, model_hash
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,12 @@ class EmbeddedDomain:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def _check_rerank(rerank: Any) -> None:
+    """Fail before any model work when ``rerank`` is neither a :class:`RerankParams` nor None."""
+    if rerank is not None and not isinstance(rerank, RerankParams):
+        raise ValueError(f"rerank must be a RerankParams or None, got {rerank!r}")
 
 
 def _check_embed_args(batch_size: int, num_workers: int, chunk_size: int) -> None:
@@ -467,6 +474,7 @@ def build_indexes(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     index_dir: str | os.PathLike[str] | None = None,
     use_gpu: UseGpu = "auto",
+    rerank: RerankParams | None = DEFAULT_RERANK,
     **index_options: Any,
 ) -> IndexSet:
     """Embed ``domains`` with the run's encoder (resumably, see :func:`embed_domains`) and index each one.
@@ -478,6 +486,9 @@ def build_indexes(
     Args:
         index_type: ``flat`` | ``ivf`` | ``hnsw`` | ``ivfpq`` | ``auto`` (per domain, under
             ``memory_budget_mb`` — see :func:`cdretrieval.index.choose_index_type`).
+        rerank: re-ranking (default :data:`~cdretrieval.rerank.DEFAULT_RERANK`; None = plain indexes): each
+            domain's vectors are replaced by their database-side augmentation before indexing and the
+            params go into the manifests, so searches expand queries (see :mod:`cdretrieval.rerank`).
         index_options: passed to :meth:`DomainIndex.build` (``nlist``, ``nprobe``, ``hnsw_m``, ...).
         Others: as :func:`embed_domains`.
 
@@ -485,6 +496,7 @@ def build_indexes(
         CheckpointError: no usable run. DataError: bad data, or no index type fits the budget.
     """
     _check_embed_args(batch_size, num_workers, chunk_size)
+    _check_rerank(rerank)
     root, data = _scan(data_root, domains, split)
     model = load_model(run_dir, feature=feature, device=device)
     assert model.run_dir is not None
@@ -505,6 +517,7 @@ def build_indexes(
             index_type,
             memory_budget_mb=memory_budget_mb,
             use_gpu=use_gpu,
+            rerank=rerank,
             **index_options,
         )
     except CDRetrievalError:
@@ -625,7 +638,9 @@ def add_to_index(
     """Embed new images and append them to ``domain``'s saved index, without rebuilding it.
 
     Files already in the index are skipped (``duplicates``); unreadable ones are reported in ``skipped``.
-    Only that domain's folder is rewritten.
+    Only that domain's folder is rewritten. When the index has re-ranking (DBA), a new image's vector is
+    augmented with its nearest already-indexed vectors (:meth:`DomainIndex.add`); the existing vectors are
+    not revisited — rebuild with :func:`build_indexes` to refresh every neighbourhood.
 
     Raises:
         QueryError: ``domain`` is not indexed. DataError: no path or no readable image.
@@ -716,16 +731,21 @@ def evaluate(
     progress: bool = True,
     resume: bool = True,
     embeddings_dir: str | os.PathLike[str] | None = None,
+    rerank: RerankParams | None = None,
 ) -> dict[str, Any]:
     """Retrieval quality for every directed pair of ``domains`` (DESIGN.md §3), class folders as ground truth.
 
     With ``run_dir`` the run's encoder is evaluated; without, the no-adaptation ``backbone`` baseline.
     Instance-paired domains (``paired_domains(root)``, e.g. MNIST ↔ MNIST-M) also get ``R@k`` of the pair.
+    With ``rerank``, galleries get DBA and queries αQE against each gallery domain, as a
+    :class:`~cdretrieval.retrieval.Retriever` over a flat index built with the same params does (see
+    :func:`cdretrieval.metrics.evaluate_domains`).
 
     Returns:
         ``{"pairs": [{"query", "gallery", "n_query", "n_gallery", "P@k"..., "mAP", ["R@k"...]}, ...],
         "mean": {...}, "run", "backbone", "feature", "image_size", "model_hash", "data_root", "split", "ks",
-        "skipped": {domain: count}}`` (metric values in [0, 1], None where undefined).
+        "skipped": {domain: count}, "rerank": params dict or None}`` (metric values in [0, 1], None where
+        undefined).
 
     Raises:
         QueryError: fewer than two domains, bad ``ks``. DataError: images outside class folders.
@@ -735,6 +755,7 @@ def evaluate(
     if names is not None and len(names) < 2:
         raise QueryError(f"need at least two domains to evaluate, got {names}")
     _check_embed_args(batch_size, num_workers, DEFAULT_CHUNK_SIZE)
+    _check_rerank(rerank)
     root, data = _scan(data_root, names, split)
     model = load_model(run_dir, backbone=backbone, weights=weights, feature=feature, image_size=image_size,
                        device=device)
@@ -762,6 +783,7 @@ def evaluate(
         domains=list(embedded),
         ks=ks,
         paired=_paired_indices(root, embedded),
+        rerank=rerank,
     )
     result.update(
         run=str(model.run_dir) if model.run_dir is not None else None,
@@ -773,5 +795,6 @@ def evaluate(
         split=split,
         ks=ks,
         skipped={d: len(e.skipped) for d, e in embedded.items()},
+        rerank=rerank.to_dict() if rerank is not None else None,
     )
     return result

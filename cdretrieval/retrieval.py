@@ -3,6 +3,12 @@
 A query can be a file path, raw file bytes (an upload), a PIL image, a numpy array or a torch tensor;
 every form is turned into the same RGB PIL image and then the same eval transform the gallery went
 through, so one image gives one embedding whatever form it arrives in.
+
+Re-ranking (:mod:`cdretrieval.rerank`): when a target domain's index was built with re-ranking (its
+manifest records the params), the query is expanded against that domain (αQE: one extra search) and the
+results come from a second search with the expanded query; their scores are those of the expanded query.
+``rerank=False`` searches plainly, ``True`` expands even over an index built without re-ranking (with
+:data:`~cdretrieval.rerank.DEFAULT_RERANK`; that gallery has no DBA).
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from cdretrieval.data.images import as_rgb_image, load_image, load_image_bytes
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.device import autocast
 from cdretrieval.errors import ImageLoadError, IndexMismatchError, QueryError
-from cdretrieval.index import IndexSet, Item, UseGpu
+from cdretrieval.index import IndexSet, Item, UseGpu, _normalised_rows
 from cdretrieval.pipeline import LoadedModel, load_run_index
+from cdretrieval.rerank import DEFAULT_RERANK, RerankParams, alpha_query_expansion
 from cdretrieval.run import INDEX_DIR
 
 #: Everything :meth:`Retriever.encode` accepts.
@@ -169,6 +176,14 @@ class Retriever:
         manifests = {d: self.indexes[d].manifest for d in self.indexes}
         types = {d: str(m["index_type"]) for d, m in manifests.items()}
         first = next(iter(manifests.values()))
+        params = {d: self.indexes[d].rerank for d in self.indexes}
+        distinct = set(params.values())
+        rerank: dict[str, Any] | None
+        if len(distinct) == 1:  # the usual case: one setting for every domain
+            only = next(iter(distinct))
+            rerank = only.to_dict() if only is not None else None
+        else:
+            rerank = {d: p.to_dict() if p is not None else None for d, p in params.items()}
         return {
             "backbone": self.model.backbone,
             "image_size": self.model.image_size,
@@ -183,6 +198,7 @@ class Retriever:
             "counts": {d: len(self.indexes[d]) for d in self.indexes},
             "index_type": ",".join(sorted(set(types.values()))),
             "index_types": types,
+            "rerank": rerank,
         }
 
     # -- encoding ---------------------------------------------------------------------------------------
@@ -233,6 +249,26 @@ class Retriever:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         return int(k)
 
+    @staticmethod
+    def _check_rerank(rerank: Any) -> bool | None:
+        if rerank is not None and not isinstance(rerank, (bool, np.bool_)):
+            raise QueryError(f"rerank must be True, False or None (the index's setting), got {rerank!r}")
+        return None if rerank is None else bool(rerank)
+
+    def rerank_params(self, domain: str, rerank: bool | None = None) -> RerankParams | None:
+        """The query expansion searches of ``domain`` use: None = plain search.
+
+        ``rerank=None`` follows the domain's manifest, ``False`` is plain, ``True`` the manifest's params or
+        :data:`~cdretrieval.rerank.DEFAULT_RERANK` for an index built without re-ranking.
+        """
+        rerank = self._check_rerank(rerank)
+        recorded = self.indexes[domain].rerank
+        if rerank is False:
+            return None
+        if rerank is True and recorded is None:
+            return DEFAULT_RERANK
+        return recorded if recorded is not None and recorded.uses_qe else None
+
     def _lock(self) -> contextlib.AbstractContextManager[Any]:
         return self._index_lock if self._index_lock is not None else contextlib.nullcontext()
 
@@ -242,10 +278,12 @@ class Retriever:
         target_domain: str | Sequence[str] | None = None,
         k: int = 10,
         source_domain: str | None = None,
+        rerank: bool | None = None,
     ) -> list[list[SearchResult]]:
         """:meth:`search_batch` for query embeddings ``[Q, D]`` that are already computed."""
         k = self._check_k(k)
         targets = self._targets(target_domain, source_domain)
+        rerank = self._check_rerank(rerank)
         if isinstance(embeddings, torch.Tensor):  # any device; bf16/fp16 (numpy has no bf16) as float32
             embeddings = embeddings.detach().cpu()
             embeddings = embeddings.float() if embeddings.is_floating_point() else embeddings
@@ -264,9 +302,15 @@ class Retriever:
         if q.shape[0] == 0:
             return []
         scores, cols_domain, cols_id = [], [], []
+        unit: np.ndarray | None = None  # [Q, D] normalised queries, for query expansion
         for t_idx, t in enumerate(targets):
+            params = self.rerank_params(t, rerank)
+            if params is not None and unit is None:
+                unit = _normalised_rows(q, "query embeddings", QueryError, expected_dim=self.indexes.dim)
             with self._lock():
-                s, ids = self.indexes[t].search(q, k)  # [Q, k_t] each, best first
+                # αQE is specific to the target domain: expand against it, then search it again.
+                qt = q if params is None else alpha_query_expansion(unit, self.indexes[t], params)
+                s, ids = self.indexes[t].search(qt, k)  # [Q, k_t] each, best first
             scores.append(s)
             cols_id.append(ids)
             cols_domain.append(np.full(ids.shape[1], t_idx))
@@ -295,6 +339,7 @@ class Retriever:
         target_domain: str | Sequence[str] | None = None,
         k: int = 10,
         source_domain: str | None = None,
+        rerank: bool | None = None,
     ) -> list[list[SearchResult]]:
         """:meth:`search` for several queries, embedded in one batch; one result list per query."""
         if isinstance(queries, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, np.ndarray,
@@ -306,7 +351,8 @@ class Retriever:
             raise QueryError(f"search_batch takes a list of queries, got {type(queries).__name__}") from None
         k = self._check_k(k)
         self._targets(target_domain, source_domain)  # fail before the (slower) forward pass
-        return self.search_embeddings(self.encode_batch(queries), target_domain, k, source_domain)
+        self._check_rerank(rerank)
+        return self.search_embeddings(self.encode_batch(queries), target_domain, k, source_domain, rerank)
 
     def search(
         self,
@@ -314,6 +360,7 @@ class Retriever:
         target_domain: str | Sequence[str] | None = None,
         k: int = 10,
         source_domain: str | None = None,
+        rerank: bool | None = None,
     ) -> list[SearchResult]:
         """The ``k`` indexed images most similar to ``query``, best first (ranks 1..k).
 
@@ -323,11 +370,15 @@ class Retriever:
                 domain except ``source_domain``.
             k: results wanted, ≥ 1; more than the gallery holds returns all of it.
             source_domain: the query's own domain, left out when ``target_domain`` is None.
+            rerank: None (default) = as each target index's manifest says; False = plain search; True =
+                query expansion even over an index built without re-ranking (see :meth:`rerank_params`).
+                With expansion, each target domain gets its own expanded query (one extra search per
+                domain) and ``score`` is the expanded query's cosine similarity.
 
         Raises:
             QueryError: unknown domain (the message lists the indexed ones), ``k`` ≤ 0, bad query.
         """
-        return self.search_batch([query], target_domain, k, source_domain)[0]
+        return self.search_batch([query], target_domain, k, source_domain, rerank)[0]
 
     # -- items ------------------------------------------------------------------------------------------
     def item(self, domain: str, item_id: int) -> Item:

@@ -79,7 +79,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def indexed_run(tiny_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of ``tiny_run`` with flat indexes of the demo data (and its embedding chunks). Read-only."""
+    """A copy of ``tiny_run`` with plain flat indexes of the demo data (and its embedding chunks). Read-only.
+
+    Plain (``rerank=None``): the stored vectors are the embeddings themselves, so an indexed image finds
+    itself with score 1. Re-ranked indexes are built in tests/test_rerank.py (and by tests/app's run).
+    """
     import shutil
 
     from cdretrieval.pipeline import build_indexes
@@ -89,7 +93,7 @@ def indexed_run(tiny_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Lite0's small convs: 1 thread is faster than 2 on the shared 2-core machines
     try:
-        build_indexes(run, demo_root, num_workers=0, progress=False, device="cpu")
+        build_indexes(run, demo_root, num_workers=0, progress=False, device="cpu", rerank=None)
     finally:
         torch.set_num_threads(threads)
     return run

@@ -272,7 +272,7 @@ def test_kill_indexing_then_rebuild_matches(indexed_run: Path, demo_root: Path, 
     expected_hash = model_hash(enc)
     want = IndexSet.load(indexed_run / "index", expected_model_hash=expected_hash, use_gpu=False)
     args = ["-m", "cdretrieval.cli", "index", "--run", str(run), "--data", str(demo_root), "--num-workers", "0",
-            "--no-progress", "--device", "cpu"]
+            "--no-progress", "--device", "cpu", "--no-rerank"]  # indexed_run is plain (tests/conftest.py)
     rng = random.Random(SEED + 2)
     outcomes = []
 
