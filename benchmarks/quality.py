@@ -37,6 +37,7 @@ the runs' ``log.jsonl`` files under ``OUT/logs/``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import hashlib
 import importlib.metadata
@@ -74,6 +75,7 @@ from cdretrieval.metrics import evaluate_domains, rank_gallery
 from cdretrieval.models.encoder import Encoder
 from cdretrieval.paths import cache_dir
 from cdretrieval.pipeline import embed_domains
+from cdretrieval.rerank import DEFAULT_RERANK, RerankParams
 from cdretrieval.run import CHECKPOINT_FILE, encoder_from_config
 from cdretrieval.train import Trainer, build_feature_cache, resolve_mode
 
@@ -520,11 +522,31 @@ class VariantRun:
         }
 
 
-def _score(bench: Bench, emb: Embedded) -> dict[str, Any]:
+def _score(bench: Bench, emb: Embedded, rerank: RerankParams | None = None) -> dict[str, Any]:
+    """Every directed pair's metrics; with ``rerank`` scored as the Retriever serves (DBA gallery, αQE queries)."""
     return evaluate_domains(
         emb.vectors, {d: np.array(v) for d, v in emb.labels.items()}, domains=bench.view.keys, ks=bench.ks,
-        paired=paired_indices(emb, bench.pairs),
+        paired=paired_indices(emb, bench.pairs), rerank=rerank,
     )
+
+
+#: Suffix of the rows that score a variant's embeddings with re-ranking.
+RERANK_SUFFIX = "+rerank"
+
+
+def with_rerank(bench: Bench, run: VariantRun, emb: Embedded) -> VariantRun:
+    """The same trained embeddings scored with the default re-ranking (as a separate table row)."""
+    t0 = time.perf_counter()
+    metrics = _score(bench, emb, DEFAULT_RERANK)
+    return dataclasses.replace(run, variant=run.variant + RERANK_SUFFIX, metrics=metrics,
+                               eval_s=time.perf_counter() - t0)
+
+
+def describe_variant(name: str) -> str:
+    """The table's description of a variant row (``+rerank`` rows: the variant, re-ranked)."""
+    if name.endswith(RERANK_SUFFIX):
+        return VARIANTS[name[: -len(RERANK_SUFFIX)]][0] + ", re-ranked (DBA + αQE)"
+    return VARIANTS[name][0]
 
 
 def run_none(bench: Bench, cfg: RunConfig, seed: int) -> tuple[VariantRun, Embedded]:
@@ -798,6 +820,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--classes", help="comma list of classes to keep ('all' drops the preset's subset)")
     ap.add_argument("--heldout-fraction", type=float, default=0.3, help="seeded held-out split: share evaluated")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the subset and of the seeded split")
+    ap.add_argument("--rerank", default="both", choices=("both", "off"),
+                    help="also score every variant with the default re-ranking (DBA + αQE), as extra rows")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. train.lr=5e-4 or losses.num_clusters=[7,14] (repeatable)")
     ap.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<preset>)")
@@ -864,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     _say(f"{preset.title} ({args.protocol}): " + ", ".join(f"{k} {len(sel.train[k])}/{len(sel.eval[k])}"
                                                            for k in view.keys) + f" train/eval images; mode {mode}")
 
-    runs: dict[str, list[VariantRun]] = {v: [] for v in variants}
+    runs: dict[str, list[VariantRun]] = {}
     configs: dict[str, dict[str, Any]] = {}
     method = next((v for v in FULL_METHODS if v in variants), next((v for v in reversed(variants) if v != "none"),
                                                                    None))
@@ -875,7 +899,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             cfg = variant_config(cfg_seed, v)
             configs[v] = (cfg or cfg_seed).to_dict()
             run, emb = run_none(bench, cfg_seed, seed) if cfg is None else run_trained(bench, v, cfg, seed)
-            runs[v].append(run)
+            runs.setdefault(v, []).append(run)
+            if args.rerank != "off":
+                runs.setdefault(v + RERANK_SUFFIX, []).append(with_rerank(bench, run, emb))
+                configs[v + RERANK_SUFFIX] = configs[v]
             if seed == seeds[0] and v in ("none", method):
                 kept[v] = emb
             mean_ap = run.metrics["mean"].get("mAP")
@@ -903,12 +930,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
                  "domains": {k: {"folder": str(sel.folders[k]), "train": len(sel.train[k]), "eval": len(sel.eval[k])}
                              for k in view.keys}},
         "settings": {"seeds": seeds, "variants": variants, "mode": mode, "device": str(device),
+                     "rerank": DEFAULT_RERANK.to_dict() if args.rerank != "off" else None,
                      "ks": list(preset.ks), "indexed_feature": base.model.index_feature,
                      "model_selection": "last epoch (labels are used only for scoring)",
                      "feature_cache": str(bench.feature_cache), "work_dir": str(work)},
         "versions": versions(),
-        "variants": {v: {"description": VARIANTS[v][0], "feature": features[v], "config": configs[v],
-                         "runs": [r.to_json() for r in runs[v]], "summary": summaries[v]} for v in variants},
+        "variants": {v: {"description": describe_variant(v), "feature": features[v], "config": configs[v],
+                         "runs": [r.to_json() for r in runs[v]], "summary": summaries[v]} for v in runs},
         "pictures": pictures, "notes": notes,
     }
     title = f"Retrieval quality: {preset.title}, {args.protocol}"

@@ -19,6 +19,10 @@ import yaml
 
 from cdretrieval.io import atomic_write_text
 
+#: Bounds on sizes read from a config (a typo like ``image_size: 96000`` must fail, not exhaust memory).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+MAX_EPOCHS, MAX_BATCH_SIZE, MAX_CACHED_VIEWS, MAX_DIM = 100_000, 65_536, 64, 65_536
+
 #: Loss terms the trainer knows (see ``cdretrieval.losses``).
 LOSS_TERMS: tuple[str, ...] = ("instance", "cross_instance", "proto", "cross_proto", "mim")
 
@@ -200,10 +204,27 @@ def validate(cfg: RunConfig) -> None:
     for name, term in cfg.losses.terms.items():
         if term.weight < 0 or term.start_epoch < 0:
             raise ValueError(f"losses.terms.{name}: weight and start_epoch must be ≥ 0, got {term}")
-    if cfg.data.image_size < 32 or cfg.data.image_size % 32:
-        raise ValueError(f"data.image_size must be a multiple of 32, got {cfg.data.image_size}")
+    if cfg.data.image_size % 32 or not MIN_IMAGE_SIZE <= cfg.data.image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"data.image_size must be a multiple of 32 in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], "
+            f"got {cfg.data.image_size}"
+        )
     if cfg.train.epochs < 1 or cfg.train.batch_size < 2:
         raise ValueError(f"train.epochs ≥ 1 and train.batch_size ≥ 2 required, got {cfg.train}")
+    bounded = {
+        "train.epochs": (cfg.train.epochs, MAX_EPOCHS), "train.batch_size": (cfg.train.batch_size, MAX_BATCH_SIZE),
+        "train.cached_views": (cfg.train.cached_views, MAX_CACHED_VIEWS), "model.dim": (cfg.model.dim, MAX_DIM),
+        "model.hidden_dim": (cfg.model.hidden_dim, MAX_DIM), "data.num_workers": (cfg.data.num_workers, 64),
+    }
+    for name, (value, high) in bounded.items():
+        if value > high:
+            raise ValueError(f"{name} must be ≤ {high}, got {value}")
+    if min(cfg.model.dim, cfg.model.hidden_dim) < 1 or cfg.data.num_workers < 0:
+        raise ValueError(f"model.dim and model.hidden_dim must be ≥ 1 and data.num_workers ≥ 0, got {cfg.model}")
+    if cfg.train.lr <= 0 or cfg.train.weight_decay < 0:
+        raise ValueError(
+            f"train.lr must be > 0 and train.weight_decay ≥ 0, got {cfg.train.lr}, {cfg.train.weight_decay}"
+        )
     if not 0.0 <= cfg.losses.bank_momentum < 1.0:
         raise ValueError(f"losses.bank_momentum must be in [0, 1), got {cfg.losses.bank_momentum}")
     if cfg.losses.temperature <= 0:

@@ -38,3 +38,24 @@ def test_cluster_counts_rule() -> None:
     assert cluster_counts(LossConfig(), [1499, 3531]) == [19, 38]
     assert cluster_counts(LossConfig(), [20]) == [4, 8]
     assert cluster_counts(LossConfig(num_clusters=[7, 14, 500]), [100]) == [7, 14, 100]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("data:\n  image_size: 96000\n", r"image_size must be a multiple of 32 in \[32, 1024\]"),
+        ("data:\n  image_size: 0\n", "image_size"),
+        ("train:\n  batch_size: 100000000\n", "batch_size must be ≤"),
+        ("train:\n  cached_views: 1000\n", "cached_views must be ≤"),
+        ("train:\n  epochs: 10000000\n", "epochs must be ≤"),
+        ("model:\n  dim: 0\n", "model.dim"),
+        ("data:\n  num_workers: -1\n", "num_workers"),
+        ("train:\n  lr: 0\n", "train.lr"),
+    ],
+)
+def test_sizes_are_bounded(tmp_path: Path, yaml_text: str, message: str) -> None:
+    """A size typo in a config fails at load with the key's name, before any memory is spent on it."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ValueError, match=message):
+        RunConfig.load(p)
