@@ -30,6 +30,14 @@ def build_parser(prog: str = "python -m app") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m app") -> int:
     """Parse ``argv`` and serve until interrupted; returns a process exit code (2 on a usage/run error)."""
     args = build_parser(prog).parse_args(argv)
+    from app.ports import check_port_free
+
+    try:
+        check_port_free(args.host, args.port)  # before any heavy import or loading: a busy port fails at once
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("[serve] starting: importing gradio and torch", flush=True)
     # Imported here so that `--help` is fast and argument errors don't pay for torch/gradio imports.
     from app.server import launch_app, parse_auth
     from cdretrieval.errors import CDRetrievalError

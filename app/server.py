@@ -11,6 +11,10 @@ What a client of the server can reach:
 
 Auth: ``auth=("user", "pass")`` or the environment variable ``CDRETRIEVAL_AUTH=user:pass``. ``share=True``
 (a public gradio.live link) and a non-local ``host`` print a warning when no auth is set.
+
+Start-up (:func:`launch_app`): the port is checked *before* anything is loaded (a busy port fails at once
+with ``port 7860 is in use; pass --port N``), and each stage is printed as it starts (model, indexes, page,
+server), then the URL.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 
+from app.ports import PortInUseError, check_port_free, port_in_use_message
 from app.ui import CSS, build_app
 from cdretrieval.retrieval import Retriever
 
@@ -37,6 +43,11 @@ DEFAULT_PORT = 7860
 CONCURRENCY = 4  # searches running at once; more wait in the queue
 QUEUE_MAX = 64  # waiting requests beyond this are refused ("queue full") instead of piling up
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _say(message: str) -> None:
+    """A start-up stage, printed as it begins."""
+    print(f"[serve] {message}", flush=True)
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -148,24 +159,40 @@ def launch_app(
 ) -> gr.Blocks:
     """Load the run's retriever and serve the UI (blocks until stopped unless ``prevent_thread_lock``).
 
-    Prints the URL. Returns the running ``gr.Blocks`` (``.local_url``; ``.close()`` stops it).
+    Checks the port first (:class:`PortInUseError`, before any loading), prints each start-up stage and
+    then the URL. Returns the running ``gr.Blocks`` (``.local_url``; ``.close()`` stops it).
     """
     auth = resolve_auth(auth)
+    check_port_free(host, port)
     if not auth and (share or host not in LOCAL_HOSTS):
         where = "a public share link" if share else f"host {host}"
         print(
             f"warning: serving on {where} without authentication; set {AUTH_ENV}=user:pass or --auth",
             file=sys.stderr,
         )
-    retriever = Retriever.from_run(run_dir, device=device, index_dir=index_dir)
-    demo = build_app(retriever, max_upload_mb=max_upload_mb, examples_per_domain=examples_per_domain)
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_MAX)
+    t0 = time.perf_counter()
+    retriever = Retriever.from_run(run_dir, device=device, index_dir=index_dir, on_stage=_say)
+    n_images = sum(len(retriever.indexes[d]) for d in retriever.domains)
+    detection = "on" if retriever.detector is not None else "off (index built without a detector)"
+    _say(f"loaded {retriever.model.backbone} ({retriever.model.feature}, {retriever.model.image_size} px) and "
+         f"{len(retriever.domains)} domain indexes ({n_images:,} images; domain detection {detection}) "
+         f"in {time.perf_counter() - t0:.1f} s")
     extra = [index_dir] if index_dir is not None else []
     options = launch_options(
         retriever, run_dir, host=host, port=port, auth=auth, share=share,
         max_upload_mb=max_upload_mb, open_browser=open_browser, extra_blocked=extra,
     )
-    _, local_url, share_url = demo.launch(prevent_thread_lock=True, **options)
+    _say("building the page")
+    demo = build_app(retriever, max_upload_mb=max_upload_mb, examples_per_domain=examples_per_domain,
+                     servable_folders=options["allowed_paths"])
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_MAX)
+    _say(f"starting the server on {host}:{port}")
+    try:
+        _, local_url, share_url = demo.launch(prevent_thread_lock=True, **options)
+    except OSError as e:  # taken since the check (Gradio's own message names its environment variable)
+        if "port" in str(e).lower() and not isinstance(e, PortInUseError):
+            raise PortInUseError(port_in_use_message(int(port))) from e
+        raise
     print(f"cdretrieval UI running at {local_url}" + (f" (public: {share_url})" if share_url else ""), flush=True)
     if auth:
         print(f"login required (user {auth[0]!r})", flush=True)

@@ -1,11 +1,18 @@
-"""The Gradio web UI: upload a photo or draw a sketch, get the closest images of other visual domains.
+"""The Gradio web UI: upload a photo or draw a sketch, get the closest images of the *other* visual domains.
 
-Page: an *Upload* tab (image file, with example queries taken from the indexed data) and a *Draw* tab
-(white canvas, black brush); the source domain ("auto" or an indexed domain), the target domains
-(default: every domain but the source), ``k`` (1–50) and a Search button; the results gallery (small
-in-memory thumbnails, best score first, captions ``score · domain · class``); a status line where every
-error is reported (the server keeps running); a collapsed "Model and index" panel. Clicking an example
-query fills the upload, sets its domain as the source and searches.
+Page (top to bottom on a phone, two columns on a desktop):
+
+* the query — an *Upload* tab (image file) and a *Draw* tab (white canvas, black brush) — the query domain
+  ("auto": detected by the index's domain detector; or an indexed domain), the domains to search (none
+  ticked: every domain but the query's), ``k`` (1–50) and a Search button;
+* a status line — what was searched ("detected: ink (0.97)", the domains searched) or what went wrong; an
+  error stays there until the next search (no fading toasts);
+* the results — thumbnails ranked by per-domain calibrated score (:func:`cdretrieval.retrieval.merge_calibrated`),
+  captions ``domain · class · cosine`` under the image; clicking one opens it full size (the original
+  indexed file, downloadable under its own name) with a **More like this** button that searches with it
+  (its domain known); the results as CSV or JSON downloads; the raw JSON;
+* labelled example queries (``domain · class``) from the indexed images: a click searches with one;
+* a collapsed "Model and index" panel (paths relative to the data root / run, never absolute server paths).
 
 HTTP API (for ``gradio_client``; the page's "Use via API" footer link documents it too)::
 
@@ -14,31 +21,42 @@ HTTP API (for ``gradio_client``; the page's "Use via API" footer link documents 
     client = Client("http://127.0.0.1:7860/")          # auth=("user", "pass") when the server has auth
     gallery, result = client.predict(
         handle_file("query.png"),  # image file: the query (any format PIL reads; ≤ the upload limit)
-        "auto",                    # source_domain: "auto" or one of the indexed domains
-        ["photo"],                 # target_domains: indexed domains; [] = every domain but the source
+        "auto",                    # source_domain: "auto" (detect it) or one of the indexed domains
+        [],                        # target_domains: indexed domains; [] = every domain but the query's
         10,                        # k: results to return, 1–50
         api_name="/search",
     )
 
 ``gallery`` is a list of ``{"image": <local path of a downloaded thumbnail>, "caption": str}``, best first;
-``result`` is a dict ``{"ok": True, "source_domain": str, "target_domains": [str], "k": int,
-"results": [{"rank", "score", "domain", "label", "item_id", "file"}]}`` where ``file`` is the image's path
-relative to the data root (never an absolute server path) and results are sorted by score, highest first.
-A bad query (not an image, empty or truncated file, over the upload limit, unknown domain, k out of range,
-missing index) raises ``gradio_client.exceptions.AppError`` whose message says what is wrong (for domains
-and k it is Gradio's own check, e.g. "Value: 'x' ... is not in the list of choices: [...]"); the server
-carries on. Over HTTP without the client: ``POST /gradio_api/call/search`` with ``{"data": [{"path": <a
-path returned by POST /gradio_api/upload>, "meta": {"_type": "gradio.FileData"}}, "auto", ["photo"], 10]}``
-then ``GET /gradio_api/call/search/<event_id>`` (server-sent events).
+``result`` is a dict ``{"ok": True, "query": str, "source_domain": str | None, "source": "given" | "detected"
+| "unknown", "detected": {"domain", "confidence", "probabilities"} | None, "target_domains": [str], "k": int,
+"results": [{"rank", "score", "calibrated_score", "domain", "label", "item_id", "file"}]}`` where ``file``
+is the image's path relative to the data root (never an absolute server path), ``score`` the cosine
+similarity and results are ranked by ``calibrated_score`` (per target domain, a z-score of the query's
+similarities; with one target domain the order is that of ``score``). ``source`` is "unknown" (and
+``source_domain`` null) when "auto" was asked of an index built without a domain detector: every domain is
+then searched. A bad query (not an image, empty or truncated file, over the upload limit, unknown domain,
+k out of range, missing index) raises ``gradio_client.exceptions.AppError`` whose message says what is
+wrong (for domains and k it is Gradio's own check, e.g. "Value: 'x' ... is not in the list of choices:
+[...]"); the server carries on. Over HTTP without the client: ``POST /gradio_api/call/search`` with
+``{"data": [{"path": <a path returned by POST /gradio_api/upload>, "meta": {"_type": "gradio.FileData"}},
+"auto", [], 10]}`` then ``GET /gradio_api/call/search/<event_id>`` (server-sent events).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
+import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,11 +70,10 @@ from PIL import Image, UnidentifiedImageError
 
 from cdretrieval.data.images import load_image, load_image_bytes
 from cdretrieval.errors import CDRetrievalError
-from cdretrieval.retrieval import Retriever, SearchResult
+from cdretrieval.retrieval import AUTO, Retriever, SearchResponse, SearchResult
 
 logger = logging.getLogger(__name__)
 
-AUTO = "auto"
 K_MIN, K_MAX, K_DEFAULT = 1, 50, 10
 THUMBNAIL_PX = 160  # longest side of a result thumbnail
 SKETCH_CANVAS = (400, 400)
@@ -64,16 +81,52 @@ SKETCH_BRUSH_RADIUS = 16  # px on the 400 px canvas: about the stroke width of a
 SKETCH_WHITE = 245  # a canvas whose every pixel is at least this bright counts as empty
 SKETCH_MARGIN = 0.18  # white margin around the drawing's bounding box, as a fraction of its size
 _THUMB_CACHE_SIZE = 2048
+RESULT_FILES_KEPT = 256  # per-search CSV/JSON download folders kept on disk (oldest removed first)
+UPLOADED = "the uploaded image"
+DRAWING = "your drawing"
 
-# Captions readable in full (Gradio clips them at 80% of the tile on one line).
+# Captions under the thumbnails, not over them (Gradio overlays them on the image's bottom edge, clips them
+# at 80% of the tile and fades them on hover); the selected result's in bold; 3 tiles to a row on a phone.
 CSS = """
-#results .caption-label { max-width: 100%; white-space: normal; opacity: 0.92; font-size: 0.8rem; }
+#results .thumbnail-item, #examples .thumbnail-item { display: flex; flex-direction: column; height: auto; }
+#results .thumbnail-item img, #examples .thumbnail-item img { flex: 1 1 auto; min-height: 0; }
+#results .caption-label, #examples .caption-label {
+  position: static; max-width: 100%; width: 100%; white-space: normal; overflow: visible; margin: 0;
+  padding: 2px 4px; font-size: 0.78rem; line-height: 1.25; text-align: center; border-radius: 0;
+  background: var(--block-background-fill); color: var(--body-text-color); box-shadow: none;
+  transform: none;
+}
+#results .thumbnail-item:hover .caption-label, #examples .thumbnail-item:hover .caption-label { opacity: 1; }
+#results .thumbnail-item.selected .caption-label { font-weight: 600; }
+#results .grid-wrap.fixed-height, #examples .grid-wrap.fixed-height { min-height: 0; max-height: none; }
+#status { min-height: 2.6em; }
+#status .error-line { color: var(--error-text-color, #b91c1c); }
+#preview-original img { object-fit: contain; }
+@media (max-width: 640px) {
+  #examples .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
+  #results .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
+}
 """
+
+#: After a search: bring the status line and results into view when they are off-screen (phones; an example
+#: clicked below the results).
+SCROLL_TO_RESULTS_JS = """
+() => {
+  const el = document.querySelector('#status');
+  if (!el) return;
+  const top = el.getBoundingClientRect().top;
+  if (top < 0 || top > window.innerHeight * 0.5) el.scrollIntoView({behavior: 'smooth', block: 'start'});
+}
+"""
+#: After an upload: show the status line only when it reports an error (else the Search button matters).
+SCROLL_TO_ERROR_JS = SCROLL_TO_RESULTS_JS.replace(
+    "if (!el) return;", "if (!el || !el.innerText.includes('Error')) return;"
+)
 
 TITLE = "cdretrieval — cross-domain image search"
 INTRO = (
-    "Upload a photo or draw a sketch, pick the domain(s) to search, and get the most similar images of "
-    "*another* visual domain — matched by a model trained without any labels."
+    "Upload a photo or draw a sketch and get the most similar images of the *other* visual domains — "
+    "matched by a model trained without any labels. The query's domain is detected (or say it yourself)."
 )
 
 
@@ -81,23 +134,21 @@ class QueryInputError(ValueError):
     """A problem with what the user sent (shown in the page; the server carries on)."""
 
 
-def readable_decode_errors(image: gr.Image) -> gr.Image:
-    """Make ``image`` report an undecodable upload as a readable message instead of Gradio's bare "Error".
+def tolerant_upload(image: gr.Image) -> gr.Image:
+    """Let an undecodable upload reach the event handler as its raw file path, to be reported in the status
+    line, instead of failing the event in Gradio (a bare "Error" badge on the component and a toast).
 
-    Wraps the instance's ``preprocess`` (subclassing a Gradio component would make Gradio write a
-    ``.pyi`` stub next to this module).
+    Wraps the instance's ``preprocess`` (subclassing a Gradio component would make Gradio write a ``.pyi``
+    stub next to this module). The handlers decode uploads themselves (:func:`load_upload`).
     """
     original = image.preprocess
 
     def preprocess(payload: Any) -> Any:
         try:
             return original(payload)
-        except Image.DecompressionBombError as e:  # the header claims more pixels than PIL will decode
-            name = getattr(payload, "orig_name", None) or "the uploaded file"
-            raise gr.Error(f"{name}: image too large ({e}); upload a smaller image", print_exception=False) from e
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-            name = getattr(payload, "orig_name", None) or "the uploaded file"
-            raise gr.Error(f"{name}: not a readable image ({type(e).__name__}); upload a PNG, JPEG, ... file") from e
+        except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+            path = getattr(payload, "path", None)
+            return str(path) if path else None
 
     image.preprocess = preprocess  # type: ignore[method-assign]
     return image
@@ -120,8 +171,12 @@ def check_k(k: Any) -> int:
 
 def resolve_domains(
     domains: Sequence[str], source: str | None, targets: Sequence[str] | None
-) -> tuple[str | None, list[str]]:
-    """Validate the source ("auto"/None or an indexed domain) and targets (empty → all but the source)."""
+) -> tuple[str | None, list[str] | None]:
+    """Validate the source ("auto"/None → None, or an indexed domain) and the targets.
+
+    Returns ``(source, targets)`` where ``targets`` None means "every domain but the query's" (given, or
+    detected by the retriever). An index of a single domain searches that domain.
+    """
     src = None if source in (None, "", AUTO) else str(source)
     if src is not None and src not in domains:
         raise QueryInputError(f"unknown source domain {src!r}; choose 'auto' or one of {list(domains)}")
@@ -131,9 +186,11 @@ def resolve_domains(
     unknown = [t for t in chosen if t not in domains]
     if unknown:
         raise QueryInputError(f"unknown target domain(s) {unknown}; the indexed domains are {list(domains)}")
-    if not chosen:
-        chosen = [d for d in domains if d != src] or list(domains)
-    return src, list(dict.fromkeys(chosen))
+    if chosen:
+        return src, list(dict.fromkeys(chosen))
+    if len(domains) == 1:
+        return src, list(domains)
+    return src, None
 
 
 def default_targets(domains: Sequence[str], source: str | None) -> list[str]:
@@ -199,18 +256,14 @@ def display_file(path: str, data_root: str | None) -> str:
     return Path(*p.parts[-3:]).as_posix() if len(p.parts) >= 3 else p.name
 
 
+def short_label(domain: str, label: str | None) -> str:
+    """``domain · class`` (the domain alone when the class is unknown)."""
+    return f"{domain} · {label}" if label is not None else domain
+
+
 def caption(r: SearchResult) -> str:
-    """``score · domain · class`` (class only when known); the rank is the gallery order."""
-    parts = [f"{r.score:.3f}", r.domain]
-    if r.label is not None:
-        parts.append(str(r.label))
-    return " · ".join(parts)
-
-
-def sort_results(results: Sequence[SearchResult]) -> list[SearchResult]:
-    """Highest score first (stable), ranks renumbered 1..n to match the order shown."""
-    ordered = sorted(results, key=lambda r: -float(r.score))
-    return [r if r.rank == i else dataclasses.replace(r, rank=i) for i, r in enumerate(ordered, start=1)]
+    """``domain · class · cosine`` (class only when known); the rank is the gallery order."""
+    return f"{short_label(r.domain, r.label)} · {r.score:.3f}"
 
 
 def _placeholder(size: int = THUMBNAIL_PX, grey: int = 200) -> Image.Image:
@@ -246,8 +299,40 @@ class ThumbnailCache:
         return thumb
 
 
+def _relative_to(path: str | None, base: str | None) -> str | None:
+    """``path`` relative to ``base`` when under it, else just its last component (None stays None)."""
+    if not path:
+        return None
+    p = Path(path)
+    if base:
+        try:
+            rel = p.resolve().relative_to(Path(base).resolve()).as_posix()
+            return rel or "."
+        except (ValueError, OSError):
+            pass
+    return p.name or str(p)
+
+
+def page_info(info: dict[str, Any]) -> dict[str, Any]:
+    """``Retriever.info()`` as shown on the page: the data root and run by folder name, the index folder
+    relative to the run, the domain detector in words — no absolute server path."""
+    out = dict(info)
+    run = info.get("run_dir")
+    out["data_root"] = _relative_to(info.get("data_root"), None)
+    out["run_dir"] = _relative_to(run, None)
+    out["index_dir"] = _relative_to(info.get("index_dir"), run)
+    detection = info.get("domain_detection")
+    if detection is None:
+        out["domain_detection"] = "unavailable (index built without a detector): 'auto' searches every domain"
+    else:
+        acc = detection.get("holdout_accuracy")
+        held = f"held-out accuracy {acc:.3f}" if acc is not None else "no held-out accuracy"
+        out["domain_detection"] = f"{detection.get('feature')} features, {held}"
+    return out
+
+
 def info_markdown(info: dict[str, Any]) -> str:
-    """``Retriever.info()`` as a Markdown list (nested dicts as ``key: value, ...``)."""
+    """An info dict as a Markdown list (nested dicts as ``key: value, ...``)."""
 
     def fmt(v: Any) -> str:
         if isinstance(v, dict):
@@ -268,87 +353,61 @@ def _md_escape(text: str) -> str:
     return text
 
 
+def describe_source(payload: dict[str, Any]) -> str:
+    """The status line's account of the query's domain: detected (with confidence), given, or unknown."""
+    detected = payload.get("detected")
+    if detected is not None:
+        return f"detected: **{_md_escape(detected['domain'])}** ({detected['confidence']:.2f})"
+    if payload.get("source") == "given":
+        return f"query domain: **{_md_escape(str(payload['source_domain']))}**"
+    return "query domain: unknown (this index has no domain detector, so every domain was searched)"
+
+
+CSV_COLUMNS = ("rank", "score", "calibrated_score", "domain", "class", "path")
+
+
+def results_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The payload's result rows as CSV: rank, score, calibrated_score, domain, class, path (relative)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([r["rank"], r["score"], r.get("calibrated_score"), r["domain"], r.get("label") or "",
+                         r["file"]])
+    return buf.getvalue()
+
+
+class ResultFiles:
+    """The CSV and JSON download of each search, in a private temporary folder (removed at exit).
+
+    Each search gets its own sub-folder (so the files keep plain names); the oldest beyond ``keep`` go.
+    """
+
+    def __init__(self, keep: int = RESULT_FILES_KEPT) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="cdretrieval-results-"))
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._folders: list[Path] = []
+        weakref.finalize(self, shutil.rmtree, str(self.root), True)
+
+    def write(self, payload: dict[str, Any]) -> tuple[str, str]:
+        """``(csv_path, json_path)`` of ``payload`` (its ``results`` rows; the JSON is the whole payload)."""
+        folder = self.root / uuid.uuid4().hex[:16]
+        folder.mkdir()
+        csv_path = folder / "cdretrieval_results.csv"
+        json_path = folder / "cdretrieval_results.json"
+        csv_path.write_text(results_csv(payload["results"]), encoding="utf-8")
+        json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with self._lock:
+            self._folders.append(folder)
+            old, self._folders = self._folders[: -self.keep], self._folders[-self.keep :]
+        for f in old:
+            shutil.rmtree(f, ignore_errors=True)
+        return str(csv_path), str(json_path)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The app
-
-
-class SearchService:
-    """What the page's events call: query → sorted results, thumbnails, JSON. Thread-safe for reads."""
-
-    def __init__(self, retriever: Retriever, max_upload_mb: int = 10) -> None:
-        if max_upload_mb < 1:
-            raise ValueError(f"max_upload_mb must be ≥ 1, got {max_upload_mb}")
-        self.retriever = retriever
-        self.domains = list(retriever.domains)
-        self.max_bytes = int(max_upload_mb) * 2**20
-        info = retriever.info()
-        root = info.get("data_root") or info.get("data root")
-        self.data_root = str(root) if root else None
-        self.thumbnails = ThumbnailCache()
-
-    def search(
-        self, query: Image.Image, source: str | None, targets: Sequence[str] | None, k: Any
-    ) -> tuple[list[tuple[Image.Image, str]], dict[str, Any]]:
-        kk = check_k(k)
-        src, tgts = resolve_domains(self.domains, source, targets)
-        results = sort_results(self.retriever.search(query, target_domain=tgts, k=kk, source_domain=src))
-        gallery = [(self.thumbnails.get(r.path), caption(r)) for r in results]
-        payload = {
-            "ok": True,
-            "source_domain": src or AUTO,
-            "target_domains": tgts,
-            "k": kk,
-            "results": [
-                {
-                    "rank": r.rank,
-                    "score": round(float(r.score), 6),
-                    "domain": r.domain,
-                    "label": r.label,
-                    "item_id": int(r.item_id),
-                    "file": display_file(r.path, self.data_root),
-                }
-                for r in results
-            ],
-        }
-        return gallery, payload
-
-    # -- event handlers -------------------------------------------------------------------------------
-    def api_search(
-        self, image_file: str | None, source_domain: str, target_domains: list[str] | None, k: float
-    ) -> tuple[list[tuple[Image.Image, str]], dict[str, Any]]:
-        """The ``/search`` endpoint: errors raise ``gr.Error`` (the client's ``AppError``)."""
-        try:
-            query = load_upload(image_file, self.max_bytes)
-            return self.search(query, source_domain, target_domains, k)
-        except (QueryInputError, CDRetrievalError) as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except Exception as e:
-            logger.exception("search failed")
-            raise gr.Error(f"internal error ({type(e).__name__}); see the server log") from None
-
-    def ui_search(
-        self, mode: str, upload: str | None, sketch: Any, source: str, targets: list[str] | None, k: float
-    ) -> tuple[list[tuple[Image.Image, str]], str, dict[str, Any]]:
-        """The Search button: errors go to the status line and a toast, with an empty gallery."""
-        try:
-            query = prepare_sketch(sketch) if mode == "draw" else load_upload(upload, self.max_bytes)
-            gallery, payload = self.search(query, source, targets, k)
-        except (QueryInputError, CDRetrievalError) as e:
-            return self._error(str(e))
-        except Exception as e:
-            logger.exception("search failed")
-            return self._error(f"internal error ({type(e).__name__}); see the server log")
-        what = "your drawing" if mode == "draw" else "the uploaded image"
-        status = (
-            f"{len(gallery)} result(s) for {what} in **{', '.join(payload['target_domains'])}** "
-            f"(source: {payload['source_domain']}), best first — captions: cosine similarity · domain · class."
-        )
-        return gallery, status, payload
-
-    @staticmethod
-    def _error(message: str) -> tuple[list[tuple[Image.Image, str]], str, dict[str, Any]]:
-        gr.Warning(message)
-        return [], f"⚠️ **Error:** {_md_escape(message)}", {"ok": False, "error": message}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +417,191 @@ class Example:
     path: str
     domain: str
     label: str | None
+
+
+class SearchService:
+    """What the page's events call: query → ranked results, thumbnails, JSON, downloads. Thread-safe.
+
+    Args:
+        retriever: the loaded run.
+        max_upload_mb: largest accepted upload.
+        servable_folders: folders whose files the server may send as they are (``allowed_paths``); an
+            indexed file elsewhere is previewed from its decoded pixels. None: every indexed file.
+    """
+
+    def __init__(
+        self, retriever: Retriever, max_upload_mb: int = 10, servable_folders: Sequence[str] | None = None
+    ) -> None:
+        if max_upload_mb < 1:
+            raise ValueError(f"max_upload_mb must be ≥ 1, got {max_upload_mb}")
+        self.retriever = retriever
+        self.domains = list(retriever.domains)
+        self.max_bytes = int(max_upload_mb) * 2**20
+        info = retriever.info()
+        root = info.get("data_root") or info.get("data root")
+        self.data_root = str(root) if root else None
+        self.thumbnails = ThumbnailCache()
+        self.files = ResultFiles()
+        self.servable_folders = None if servable_folders is None else [Path(f).resolve() for f in servable_folders]
+
+    # -- searching ------------------------------------------------------------------------------------
+    def search(
+        self, query: Image.Image, source: str | None, targets: Sequence[str] | None, k: Any, query_name: str = "query"
+    ) -> tuple[list[tuple[Image.Image, str]], dict[str, Any], list[SearchResult]]:
+        """``(gallery, payload, results)`` of one query (see the module docstring for the payload)."""
+        kk = check_k(k)
+        src, tgts = resolve_domains(self.domains, source, targets)
+        response: SearchResponse = self.retriever.retrieve(query, target_domain=tgts, k=kk,
+                                                           source_domain=src if src is not None else AUTO)
+        results = response.results
+        gallery = [(self.thumbnails.get(r.path), caption(r)) for r in results]
+        payload = {
+            "ok": True,
+            "query": query_name,
+            "source_domain": response.source_domain,
+            "source": response.source,
+            "detected": response.detection.to_dict() if response.detection is not None else None,
+            "target_domains": response.target_domains,
+            "k": kk,
+            "results": [
+                {
+                    "rank": r.rank,
+                    "score": round(float(r.score), 6),
+                    "calibrated_score": r.calibrated_score,
+                    "domain": r.domain,
+                    "label": r.label,
+                    "item_id": int(r.item_id),
+                    "file": display_file(r.path, self.data_root),
+                }
+                for r in results
+            ],
+        }
+        return gallery, payload, results
+
+    def api_search(
+        self, image_file: str | None, source_domain: str, target_domains: list[str] | None, k: float
+    ) -> tuple[list[tuple[Image.Image, str]], dict[str, Any]]:
+        """The ``/search`` endpoint: errors raise ``gr.Error`` (the client's ``AppError``)."""
+        try:
+            query = load_upload(image_file, self.max_bytes)
+            gallery, payload, _ = self.search(query, source_domain, target_domains, k,
+                                              Path(image_file).name if image_file else "query")
+            return gallery, payload
+        except (QueryInputError, CDRetrievalError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:
+            logger.exception("search failed")
+            raise gr.Error(f"internal error ({type(e).__name__}); see the server log") from None
+
+    def ui_search(
+        self,
+        mode: str,
+        upload: str | None,
+        sketch: Any,
+        source: str,
+        targets: list[str] | None,
+        k: float,
+        query_name: str | None = None,
+    ) -> tuple[Any, ...]:
+        """The Search button (and example / "more like this" clicks): every outcome lands in the status line.
+
+        Returns the values of ``[gallery, status, result_json, results_state, csv_button, json_button,
+        preview_box, selected_state]``.
+        """
+        name = DRAWING if mode == "draw" else (query_name or UPLOADED)
+        try:
+            query = prepare_sketch(sketch) if mode == "draw" else load_upload(upload, self.max_bytes)
+            gallery, payload, results = self.search(query, source, targets, k, _plain(name))
+        except (QueryInputError, CDRetrievalError) as e:
+            return self._error(str(e))
+        except Exception as e:
+            logger.exception("search failed")
+            return self._error(f"internal error ({type(e).__name__}); see the server log")
+        status = (
+            f"**{len(gallery)} result(s)** for {name} · {describe_source(payload)} · searched "
+            f"**{_md_escape(', '.join(payload['target_domains']))}** — ranked by per-domain calibrated score; "
+            "captions: domain · class · cosine similarity. Click a result to see it full size."
+        )
+        csv_path, json_path = self.files.write(payload)
+        return (
+            gallery, status, payload, [r.to_dict() for r in results],
+            gr.DownloadButton(value=csv_path, visible=True), gr.DownloadButton(value=json_path, visible=True),
+            gr.Column(visible=False), None,
+        )
+
+    @staticmethod
+    def _error(message: str) -> tuple[Any, ...]:
+        status = f"⚠️ **Error:** {_md_escape(message)}"
+        return (
+            [], status, {"ok": False, "error": message}, [],
+            gr.DownloadButton(visible=False), gr.DownloadButton(visible=False), gr.Column(visible=False), None,
+        )
+
+    # -- query sources --------------------------------------------------------------------------------
+    def on_upload(self, upload: str | None) -> tuple[Any, str, str]:
+        """A file was uploaded: check it now. Returns ``(upload value, status, query name)``; an unreadable
+        file is cleared from the component and explained in the status line."""
+        if upload is None:
+            return gr.skip(), "Upload an image or draw a sketch, then press **Search**.", UPLOADED
+        name = Path(upload).name
+        try:
+            load_upload(upload, self.max_bytes)
+        except QueryInputError as e:
+            return None, f"⚠️ **Error:** {_md_escape(str(e))}", UPLOADED
+        label = f"{UPLOADED} **{_md_escape(name)}**"
+        return gr.skip(), f"Ready: {label} — press **Search**.", label
+
+    def query_from_item(self, path: str, domain: str, label: str | None, kind: str) -> tuple[Any, ...]:
+        """Values for ``[upload, source, targets, tabs, mode, query_name]`` that make an indexed image the query."""
+        try:
+            img: Image.Image | None = load_image(path)
+        except CDRetrievalError:
+            img = None
+        name = f"{kind} **{_md_escape(short_label(domain, label))}** (`{display_file(path, self.data_root)}`)"
+        return img, domain, [], gr.Tabs(selected="upload"), "upload", name
+
+    def select_result(self, rows: list[dict[str, Any]] | None, evt: gr.SelectData) -> tuple[Any, ...]:
+        """A result was clicked: show the original full size. Values for ``[preview_box, preview_image,
+        preview_text, preview_download, selected_state]``."""
+        index = evt.index if isinstance(evt.index, int) else None
+        if not rows or index is None or not 0 <= index < len(rows):
+            return gr.Column(visible=False), None, "", gr.DownloadButton(visible=False), None
+        row = rows[index]
+        stored = self.retriever.resolve_item_path(row["path"])  # only indexed files, from server-side state
+        file = display_file(row["path"], self.data_root)
+        score = f"cosine {row['score']:.3f}"
+        if row.get("calibrated_score") is not None:
+            score += f", calibrated {row['calibrated_score']:.2f}"
+        text = f"**#{row['rank']}** · {_md_escape(short_label(row['domain'], row.get('label')))} · {score}  \n`{file}`"
+        if stored is None or not stored.is_file():
+            return gr.Column(visible=True), None, text + "  \n(the file is gone)", gr.DownloadButton(visible=False), row
+        if self._servable(stored):
+            image: Any = str(stored)
+            download = gr.DownloadButton(label=f"Download {stored.name}", value=str(stored), visible=True)
+        else:  # its folder is not served as files: show the decoded pixels, offer no download
+            try:
+                image = load_image(stored)
+            except CDRetrievalError:
+                image = None
+            download = gr.DownloadButton(visible=False)
+        return gr.Column(visible=True), image, text, download, row
+
+    def _servable(self, path: Path) -> bool:
+        if self.servable_folders is None:
+            return True
+        p = path.resolve()
+        return any(p == f or f in p.parents for f in self.servable_folders)
+
+    def more_like_this(self, row: dict[str, Any] | None) -> tuple[Any, ...]:
+        """The selected result becomes the query (its domain as the source)."""
+        if not row:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return self.query_from_item(row["path"], row["domain"], row.get("label"), "the result")
+
+
+def _plain(markdown: str) -> str:
+    """The status-line query name without Markdown emphasis (for the JSON payload)."""
+    return markdown.replace("**", "").replace("`", "").replace("\\", "")
 
 
 def example_queries(retriever: Retriever, per_domain: int) -> list[Example]:
@@ -378,15 +622,29 @@ def example_queries(retriever: Retriever, per_domain: int) -> list[Example]:
     return out
 
 
-def build_app(retriever: Retriever, *, max_upload_mb: int = 10, examples_per_domain: int = 3) -> gr.Blocks:
-    """The page for ``retriever`` (see the module docstring for the layout and the ``/search`` API)."""
-    service = SearchService(retriever, max_upload_mb)
+def build_app(
+    retriever: Retriever,
+    *,
+    max_upload_mb: int = 10,
+    examples_per_domain: int = 3,
+    servable_folders: Sequence[str] | None = None,
+) -> gr.Blocks:
+    """The page for ``retriever`` (see the module docstring for the layout and the ``/search`` API).
+
+    ``servable_folders``: the server's ``allowed_paths`` (see :class:`SearchService`).
+    """
+    service = SearchService(retriever, max_upload_mb, servable_folders)
     domains = service.domains
     examples = example_queries(retriever, examples_per_domain)
+    detect_info = ("auto: detect it from the image" if retriever.detector is not None
+                   else "auto: not known (this index has no domain detector; every domain is searched)")
 
     with gr.Blocks(title="cdretrieval", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         mode = gr.State("upload")
+        query_name = gr.State(UPLOADED)
+        results_state = gr.State([])
+        selected_state = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 with gr.Tabs(selected="upload") as tabs:
@@ -398,9 +656,10 @@ def build_app(retriever: Retriever, *, max_upload_mb: int = 10, examples_per_dom
                             sources=["upload", "clipboard"],
                             format="png",  # lossless copies of example queries
                             height=280,
+                            buttons=["fullscreen"],
                             elem_id="query-upload",
                         )
-                        readable_decode_errors(upload)
+                        tolerant_upload(upload)
                     with gr.Tab("Draw a sketch", id="draw") as draw_tab:
                         sketch = gr.Sketchpad(
                             label="Draw with the mouse (black on white)",
@@ -413,70 +672,82 @@ def build_app(retriever: Retriever, *, max_upload_mb: int = 10, examples_per_dom
                             layers=False,
                             transforms=(),
                             height=420,
+                            buttons=["fullscreen"],
                             elem_id="query-sketch",
                         )
                 source = gr.Dropdown(
-                    choices=[AUTO, *domains], value=AUTO, label="Query domain",
-                    info="What the query is (auto: don't say)", elem_id="source-domain",
+                    choices=[AUTO, *domains], value=AUTO, label="Query domain", info=detect_info,
+                    elem_id="source-domain",
                 )
                 targets = gr.CheckboxGroup(
-                    choices=domains, value=default_targets(domains, AUTO), label="Search in",
-                    info="Domains to return images from (none ticked: all but the query's)",
-                    elem_id="target-domains",
+                    choices=domains, value=[], label="Search in",
+                    info="None ticked: every domain except the query's", elem_id="target-domains",
                 )
                 k = gr.Slider(K_MIN, K_MAX, value=K_DEFAULT, step=1, label="Number of results (k)", elem_id="k")
                 search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
-                example_set = gr.Dataset(
-                    components=[gr.Image(visible=False, render=False)],
-                    samples=[[e.path] for e in examples],
-                    type="index",
-                    layout="gallery",
-                    samples_per_page=max(len(examples), 1),
-                    label="Example queries from the indexed images: click one to search with it",
-                    visible=bool(examples),
-                    elem_id="examples",
-                )
-            with gr.Column(scale=3, min_width=360):
-                status = gr.Markdown("Upload an image or draw a sketch, then press **Search**.",
-                                     elem_id="status")
+            with gr.Column(scale=3, min_width=340):
+                status = gr.Markdown("Upload an image or draw a sketch, then press **Search**.", elem_id="status")
                 gallery = gr.Gallery(
-                    label="Results",
-                    show_label=False,
-                    columns=5, height="auto", object_fit="contain", format="png",
-                    allow_preview=True, elem_id="results",
+                    label="Results", show_label=False, columns=5, height="auto", object_fit="contain",
+                    format="png", allow_preview=False, buttons=[], interactive=False, elem_id="results",
                 )
+                with gr.Column(visible=False, elem_id="preview") as preview_box, gr.Row(equal_height=False):
+                    preview_image = gr.Image(
+                        label="Original", type="filepath", interactive=False, height=320, format="png",
+                        buttons=["download", "fullscreen"], elem_id="preview-original", scale=2,
+                    )
+                    with gr.Column(scale=1, min_width=200):
+                        preview_text = gr.Markdown(elem_id="preview-text")
+                        preview_download = gr.DownloadButton("Download original", visible=False, size="sm",
+                                                             elem_id="preview-download")
+                        more_btn = gr.Button("More like this", variant="primary", size="sm",
+                                             elem_id="more-like-this")
+                with gr.Row():
+                    csv_btn = gr.DownloadButton("Results as CSV", visible=False, size="sm", elem_id="download-csv")
+                    json_btn = gr.DownloadButton("Results as JSON", visible=False, size="sm", elem_id="download-json")
                 with gr.Accordion("Raw results (JSON)", open=False):
                     result_json = gr.JSON(label="Results", elem_id="result-json")
+        gr.Markdown("**Example queries** from the indexed images (domain · class): click one to search with it.",
+                    visible=bool(examples), elem_id="examples-title")
+        example_gallery = gr.Gallery(
+            value=[(e.path, short_label(e.domain, e.label)) for e in examples],
+            label="Example queries", show_label=False, columns=max(1, min(9, len(examples))), height="auto",
+            object_fit="contain", allow_preview=False, buttons=[], interactive=False, visible=bool(examples),
+            elem_id="examples",
+        )
         with gr.Accordion("Model and index", open=False, elem_id="model-info"):
-            gr.Markdown(info_markdown(retriever.info()))
+            gr.Markdown(info_markdown(page_info(retriever.info())))
 
         # Hidden input of the public API: an image *file* (decoded by us, with clear errors).
         api_file = gr.File(label="image", file_types=["image"], visible=False, elem_id="api-file")
         api_button = gr.Button(visible=False)
 
-        def pick_example(index: int) -> tuple[Any, ...]:
-            ex = examples[int(index)]
-            try:
-                img: Image.Image | None = load_image(ex.path)
-            except CDRetrievalError:
-                img = None
-            return img, ex.domain, default_targets(domains, ex.domain), gr.Tabs(selected="upload"), "upload"
+        search_inputs = [mode, upload, sketch, source, targets, k, query_name]
+        search_outputs = [gallery, status, result_json, results_state, csv_btn, json_btn, preview_box,
+                          selected_state]
+        query_outputs = [upload, source, targets, tabs, mode, query_name]
+        private: dict[str, Any] = {"api_visibility": "private"}
 
-        example_set.click(
-            pick_example, example_set, [upload, source, targets, tabs, mode], api_visibility="private", queue=False
-        ).then(
-            service.ui_search, [mode, upload, sketch, source, targets, k], [gallery, status, result_json],
-            api_visibility="private", concurrency_id="search",
+        def pick_example(evt: gr.SelectData) -> tuple[Any, ...]:
+            ex = examples[int(evt.index)]
+            return service.query_from_item(ex.path, ex.domain, ex.label, "the example")
+
+        example_gallery.select(pick_example, None, query_outputs, queue=False, **private).then(
+            service.ui_search, search_inputs, search_outputs, concurrency_id="search", **private
+        ).then(None, js=SCROLL_TO_RESULTS_JS, **private)
+        more_btn.click(service.more_like_this, selected_state, query_outputs, queue=False, **private).then(
+            service.ui_search, search_inputs, search_outputs, concurrency_id="search", **private
+        ).then(None, js=SCROLL_TO_RESULTS_JS, **private)
+        gallery.select(service.select_result, results_state,
+                       [preview_box, preview_image, preview_text, preview_download, selected_state], **private)
+        upload.upload(service.on_upload, upload, [upload, status, query_name], **private).then(
+            None, js=SCROLL_TO_ERROR_JS, **private
         )
-        upload_tab.select(lambda: "upload", None, mode, api_visibility="private", queue=False)
-        draw_tab.select(lambda: "draw", None, mode, api_visibility="private", queue=False)
-        source.change(
-            lambda s: gr.update(value=default_targets(domains, s)), source, targets,
-            api_visibility="private", queue=False,
-        )
-        search_btn.click(
-            service.ui_search, [mode, upload, sketch, source, targets, k], [gallery, status, result_json],
-            api_visibility="private", concurrency_id="search",
+        upload.clear(lambda: UPLOADED, None, query_name, queue=False, **private)
+        upload_tab.select(lambda: "upload", None, mode, queue=False, **private)
+        draw_tab.select(lambda: "draw", None, mode, queue=False, **private)
+        search_btn.click(service.ui_search, search_inputs, search_outputs, concurrency_id="search", **private).then(
+            None, js=SCROLL_TO_RESULTS_JS, **private
         )
         api_button.click(
             service.api_search, [api_file, source, targets, k], [gallery, result_json],
@@ -494,17 +765,20 @@ __all__ = [
     "K_MIN",
     "Example",
     "QueryInputError",
+    "ResultFiles",
     "SearchService",
     "ThumbnailCache",
     "build_app",
     "caption",
     "check_k",
     "default_targets",
+    "describe_source",
     "example_queries",
     "info_markdown",
     "load_upload",
+    "page_info",
     "prepare_sketch",
-    "readable_decode_errors",
     "resolve_domains",
-    "sort_results",
+    "results_csv",
+    "tolerant_upload",
 ]

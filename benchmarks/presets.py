@@ -97,11 +97,11 @@ class Preset:
 def presets() -> dict[str, Preset]:
     """Every preset by name."""
     domainnet_domains = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
-    domainnet = {"data.image_size": 128, "train.epochs": 20}
+    domainnet = {"data.image_size": 128}
     items = [
         Preset(
             "officehome", "Office-Home", "officehome", ("Art", "Clipart", "Product", "Real World"), (1, 5, 15), 65,
-            overrides=MappingProxyType({"data.image_size": 128, "train.epochs": 30}),
+            overrides=MappingProxyType({"data.image_size": 128}),
             grid_pair=("Clipart", "Real World"),
         ),
         Preset(
@@ -117,7 +117,7 @@ def presets() -> dict[str, Preset]:
         Preset(
             "pacs", "PACS", "pacs", ("art_painting", "cartoon", "photo", "sketch"), (1, 5, 15), 7,
             split_lists=("train", "crossval"),
-            overrides=MappingProxyType({"data.image_size": 128, "train.epochs": 30}),
+            overrides=MappingProxyType({"data.image_size": 128}),
             grid_pair=("sketch", "photo"),
         ),
         Preset(
@@ -125,7 +125,7 @@ def presets() -> dict[str, Preset]:
             layout="npz",
             # digits are not mirror-symmetric; small crops cut strokes away
             overrides=MappingProxyType(
-                {"data.image_size": 64, "data.hflip": 0.0, "data.min_scale": 0.5, "train.epochs": 15}
+                {"data.image_size": 64, "data.hflip": 0.0, "data.min_scale": 0.5}
             ),
             grid_pair=("mnist", "mnistm"),
         ),

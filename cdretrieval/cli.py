@@ -7,8 +7,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cdretrieval import __version__
 from cdretrieval.errors import CDRetrievalError
@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from cdretrieval.rerank import RerankParams
 
 Handler = Callable[[argparse.Namespace], int]
+
+#: Printed under the ``evaluate`` table: why P@15 may exceed P@5.
+P_AT_K_NOTE = (
+    "P@k = relevant images among the top k / min(k, #relevant images in the gallery), so a class with few "
+    "gallery images can still reach 1 and P@k may grow with k."
+)
+#: Exit status after the reader of our stdout went away (``search --json | head``): 128 + SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,45 +185,108 @@ def _cmd_index(args: argparse.Namespace) -> int:
         args.run, args.data, domains, index_type=args.index_type, memory_budget_mb=args.memory_budget_mb,
         split=args.split, feature=args.feature, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, progress=args.progress, rerank=rerank,
+        domain_detector=None if args.domain_detector == "none" else args.domain_detector,
     )
     info = {
         "run": args.run,
         "dim": iset.dim,
         "domains": {d: {"count": len(iset[d]), "index_type": iset[d].index_type} for d in iset},
         "rerank": rerank.to_dict() if rerank is not None else None,
+        "domain_detector": iset.detector.summary() if iset.detector is not None else None,
     }
     print(json.dumps(info, indent=2))
     return 0
 
 
 def _format_results(results: Sequence[object]) -> str:
-    """A plain-text table of search results."""
+    """A plain-text table of search results (``z``: the calibrated score the merge ranked by)."""
     from cdretrieval.retrieval import SearchResult
 
-    rows = [["rank", "score", "domain", "label", "path"]]
+    rows = [["rank", "score", "z", "domain", "label", "path"]]
     for r in results:
         assert isinstance(r, SearchResult)
-        rows.append([str(r.rank), f"{r.score:.4f}", r.domain, r.label or "-", r.path])
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]  # the path column is left unpadded
+        z = f"{r.calibrated_score:.2f}" if r.calibrated_score is not None else "-"
+        rows.append([str(r.rank), f"{r.score:.4f}", z, r.domain, r.label or "-", r.path])
+    n = len(rows[0]) - 1  # the path column is left unpadded
+    widths = [max(len(row[i]) for row in rows) for i in range(n)]
     lines = []
     for row in rows:
-        cells = [row[i].rjust(widths[i]) if i < 2 else row[i].ljust(widths[i]) for i in range(4)]
-        lines.append("  ".join([*cells, row[4]]))
+        cells = [row[i].rjust(widths[i]) if i < 3 else row[i].ljust(widths[i]) for i in range(n)]
+        lines.append("  ".join([*cells, row[n]]))
     return "\n".join(lines)
 
 
+def _describe_source(response: object) -> str:
+    """One line: the query's domain (given / detected with its confidence / unknown) and what was searched."""
+    from cdretrieval.retrieval import SearchResponse
+
+    assert isinstance(response, SearchResponse)
+    searched = ", ".join(response.target_domains)
+    if response.detection is not None:
+        det = response.detection
+        return f"detected domain: {det.domain} ({det.confidence:.2f}); searched: {searched}"
+    if response.source == "given":
+        return f"source domain: {response.source_domain}; searched: {searched}"
+    return f"source domain: unknown (the index has no domain detector); searched: {searched}"
+
+
+def _query_batches(paths: Sequence[str], batch_size: int) -> Iterator[list[tuple[str, Any]]]:
+    """``(path, RGB image)`` batches of the query files and folders; unreadable images are reported and skipped.
+
+    Raises:
+        DataError: a path does not exist, or a folder holds no image file.
+    """
+    from cdretrieval.errors import QueryError
+    from cdretrieval.pipeline import collect_images
+    from cdretrieval.retrieval import query_to_image
+
+    samples = collect_images(list(paths), "query")
+    batch: list[tuple[str, Any]] = []
+    skipped: list[str] = []
+    for sample in samples:
+        try:
+            batch.append((sample.path, query_to_image(sample.path)))
+        except QueryError as e:
+            if len(samples) == 1:
+                raise
+            skipped.append(sample.path)
+            print(f"warning: skipped {e}", file=sys.stderr)
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+    if len(skipped) == len(samples):
+        raise QueryError(f"none of the {len(samples)} query images could be read")
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
-    """Query one image against the run's indexes."""
+    """Query images (files or folders) against the run's indexes, one forward pass per batch of queries."""
     from cdretrieval.retrieval import Retriever
 
     retriever = Retriever.from_run(args.run, device=args.device)
-    results = retriever.search(args.query, _domain_list(args.target), k=args.k, source_domain=args.source,
-                               rerank=args.rerank)
+    several = len(args.query) > 1 or any(os.path.isdir(q) for q in args.query)
+    first = True
+    for batch in _query_batches(args.query, args.batch_size):
+        responses = retriever.retrieve_batch([img for _, img in batch], _domain_list(args.target), k=args.k,
+                                             source_domain=args.source, rerank=args.rerank)
+        for (path, _), response in zip(batch, responses, strict=True):
+            if args.json:
+                text = json.dumps({"query": path, **response.to_dict()}, indent=2)
+                print(("[\n" if first else ",\n") + _indent(text), end="")
+            else:
+                header = f"query: {path}\n" if several else ""
+                print(("" if first else "\n") + header + _describe_source(response) + "\n"
+                      + _format_results(response.results))
+            first = False
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-    else:
-        print(_format_results(results))
+        print("\n]")
     return 0
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -228,8 +299,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.data, _domain_list(args.domains), run_dir=args.run, backbone=args.backbone, ks=args.ks,
         split=args.split, feature=args.feature, image_size=args.image_size, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device, progress=args.progress, rerank=_rerank_params(args),
+        domain_detector=args.detector,
     )
     print(format_table(result))
+    print(P_AT_K_NOTE)
+    detection = result.get("domain_detection")
+    if detection is not None:
+        per = ", ".join(f"{d} {a:.3f}" for d, a in detection["per_domain"].items())
+        print(f"domain detection ({detection['feature']} features): accuracy {detection['accuracy']:.4f} on "
+              f"{detection['n']} images ({per})")
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -277,6 +355,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Data (embedded demo set unless --data) → pretrain → index → serve the UI."""
     from cdretrieval.workflow import prepare_demo
 
+    if not args.no_serve:
+        from app.ports import check_port_free
+
+        try:
+            check_port_free(args.host, args.port)  # before minutes of training, not after
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     demo = prepare_demo(args.out, args.data, _domain_list(args.domains), progress=args.progress)
     print(f"[demo] ready: {demo.run_dir} (train {demo.trained_seconds:.0f} s, index {demo.indexed_seconds:.0f} s)")
     if args.no_serve:
@@ -359,17 +445,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add", nargs="+", default=None, metavar="PATH",
                    help="append these images / folders to the index of the one domain named by --domains "
                         "(re-ranked as the index was built)")
+    p.add_argument("--domain-detector", choices=("backbone", "head", "none"), default="backbone",
+                   help="features the domain detector behind 'auto' searches is fitted on (default backbone); "
+                        "none: no detector ('auto' then searches every domain)")
     _add_rerank_options(p, "searches over the new indexes (recorded in their manifests)")
     _add_model_options(p)
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("search", help="find the images of other domains most similar to a query image")
     p.add_argument("--run", required=True, help="run folder with an index (from `cdretrieval index`)")
-    p.add_argument("--query", required=True, help="query image file")
-    p.add_argument("--target", default=None, help="domain(s) to search, comma-separated (default: all but --source)")
-    p.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
-    p.add_argument("--source", default=None, help="the query's domain (left out of the default targets)")
-    p.add_argument("--json", action="store_true", help="print the results as a JSON list")
+    p.add_argument("--query", required=True, nargs="+", metavar="PATH",
+                   help="query image file(s) and/or folder(s) of images (walked recursively)")
+    p.add_argument("--target", default=None,
+                   help="domain(s) to search, comma-separated (default: every domain but the query's)")
+    p.add_argument("-k", type=_positive_int, default=10, help="number of results per query (default 10)")
+    p.add_argument("--source", default="auto",
+                   help="the query's domain, left out of the default targets; auto (default): detect it")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="queries embedded per forward pass (default 32)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list with one object per query: query, source_domain, source, detected, "
+                        "target_domains, results")
     p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                    help="query expansion: --no-rerank searches plainly (default: as the index was built)")
     p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:i] (default auto)")
@@ -389,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="eval image side, a multiple of 32 (default: the run's; 128 without --run)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
+    p.add_argument("--detector", default=None, metavar="INDEX_DIR",
+                   help="also score the domain detector of this index folder (e.g. RUN_DIR/index) on the "
+                        "evaluated images (use images the index was not built from)")
     _add_rerank_options(p, "as searches do (DBA galleries, expanded queries)")
     _add_model_options(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -438,6 +537,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `cdretrieval search --json | head`: the reader has what it wanted
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output): nothing to do
+        pass
 
 
 if __name__ == "__main__":

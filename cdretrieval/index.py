@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from cdretrieval.domain_detection import DETECTOR_FILE, DomainDetector
 from cdretrieval.errors import DataError, IndexFileError, IndexMismatchError, QueryError
 from cdretrieval.io import atomic_write_bytes, atomic_write_json, read_json
 from cdretrieval.rerank import RerankParams, augment_new_items, database_side_augmentation, knn_graph_method
@@ -757,13 +759,16 @@ def safe_domain_name(domain: str) -> str:
 
 
 class IndexSet:
-    """One :class:`DomainIndex` per domain, all from the same model (same hash and dim).
+    """One :class:`DomainIndex` per domain, all from the same model (same hash and dim), and optionally the
+    :class:`~cdretrieval.domain_detection.DomainDetector` that tells a query's domain among them.
 
-    Saved as ``<root>/<safe domain name>/`` sub-folders plus ``<root>/indexset.json`` (written last) that
-    maps domain names to folders.
+    Saved as ``<root>/<safe domain name>/`` sub-folders, ``<root>/domain_detector.json`` when there is a
+    detector, and ``<root>/indexset.json`` (written last) that maps domain names to folders and records the
+    detector file's size and sha256 (``"domain_detector": {...}`` or null; older sets lack the key and load
+    without a detector).
     """
 
-    def __init__(self, indexes: Mapping[str, DomainIndex]) -> None:
+    def __init__(self, indexes: Mapping[str, DomainIndex], detector: DomainDetector | None = None) -> None:
         if not indexes:
             raise DataError("an IndexSet needs at least one domain index")
         for name, idx in indexes.items():
@@ -777,6 +782,35 @@ class IndexSet:
                     f"{first.domain!r} with {first.model_hash!r} ({first.dim}-d); {_REBUILD_HINT}"
                 )
         self._indexes = dict(indexes)
+        self.detector: DomainDetector | None = None
+        self.set_detector(detector)
+
+    def set_detector(self, detector: DomainDetector | None) -> None:
+        """Attach (or with None, drop) the domain detector; it must know exactly these domains and this model.
+
+        Raises:
+            IndexMismatchError: another model, other domains, or (feature ``index``) another dim.
+        """
+        if detector is not None:
+            if not isinstance(detector, DomainDetector):
+                raise TypeError(f"detector must be a DomainDetector or None, got {type(detector).__name__}")
+            if sorted(detector.domains) != sorted(self._indexes):
+                raise IndexMismatchError(
+                    f"the domain detector knows domains {detector.domains}, the index set has {self.domains}; "
+                    f"{_REBUILD_HINT}"
+                )
+            if detector.model_hash != self.model_hash:
+                raise IndexMismatchError(
+                    f"the domain detector was fitted for model {detector.model_hash!r}, the indexes hold model "
+                    f"{self.model_hash!r}; {_REBUILD_HINT}"
+                )
+            indexed = {self._indexes[d].manifest.get("feature") for d in self._indexes}
+            if indexed == {detector.feature} and detector.dim != self.dim:
+                raise IndexMismatchError(
+                    f"the domain detector reads {detector.dim}-d {detector.feature} vectors, the indexes hold "
+                    f"{self.dim}-d ones; {_REBUILD_HINT}"
+                )
+        self.detector = detector
 
     @classmethod
     def build(
@@ -838,6 +872,14 @@ class IndexSet:
         (root / INDEX_SET_FILE).unlink(missing_ok=True)
         for d, idx in self._indexes.items():
             idx.save(root / folders[d])
+        detector_entry: dict[str, Any] | None = None
+        if self.detector is not None:
+            blob = self.detector.to_json_bytes()
+            atomic_write_bytes(root / DETECTOR_FILE, blob)
+            detector_entry = {"file": DETECTOR_FILE, "bytes": len(blob), "sha256": _sha256(blob),
+                              "feature": self.detector.feature}
+        else:
+            (root / DETECTOR_FILE).unlink(missing_ok=True)
         atomic_write_json(
             root / INDEX_SET_FILE,
             {
@@ -845,6 +887,7 @@ class IndexSet:
                 "model_hash": self.model_hash,
                 "dim": self.dim,
                 "domains": folders,
+                "domain_detector": detector_entry,
             },
         )
         return root
@@ -891,4 +934,45 @@ class IndexSet:
             if idx.domain != domain:
                 raise IndexFileError(f"{root / sub} holds domain {idx.domain!r}, but {path} says {domain!r}")
             indexes[domain] = idx
-        return cls(indexes)
+        iset = cls(indexes)
+        iset.set_detector(_load_detector(root, meta.get("domain_detector"), verify_checksums))
+        return iset
+
+
+def load_detector(root: str | os.PathLike[str], verify_checksums: bool = True) -> DomainDetector | None:
+    """Just the domain detector of the index set saved in ``root`` (None when it has none).
+
+    Raises:
+        IndexFileError: no index set at ``root``, or its detector file is missing, altered or unreadable.
+    """
+    root = Path(root)
+    try:
+        meta = read_json(root / INDEX_SET_FILE)
+    except (OSError, ValueError) as e:
+        raise IndexFileError(f"no readable index set at {root} ({e}); {_REBUILD_HINT}") from e
+    if not isinstance(meta, dict):
+        raise IndexFileError(f"{root / INDEX_SET_FILE} is not a JSON object; {_REBUILD_HINT}")
+    return _load_detector(root, meta.get("domain_detector"), verify_checksums)
+
+
+def _load_detector(root: Path, entry: Any, verify: bool) -> DomainDetector | None:
+    """The domain detector ``indexset.json`` records (``entry``), checked; None when it records none.
+
+    Raises:
+        IndexFileError: the recorded file is missing, altered or unreadable.
+    """
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("file") != DETECTOR_FILE:
+        raise IndexFileError(f"{root / INDEX_SET_FILE}: bad 'domain_detector' entry {entry!r}; {_REBUILD_HINT}")
+    path = root / DETECTOR_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise IndexFileError(f"{path} is missing; the index folder is incomplete; {_REBUILD_HINT}") from e
+    if len(data) != entry.get("bytes") or (verify and _sha256(data) != entry.get("sha256")):
+        raise IndexFileError(f"{path} is corrupt or was replaced (size or checksum differs); {_REBUILD_HINT}")
+    try:
+        return DomainDetector.from_dict(json.loads(data.decode("utf-8")))
+    except (ValueError, TypeError, KeyError) as e:
+        raise IndexFileError(f"{path}: not a usable domain detector ({e}); {_REBUILD_HINT}") from e

@@ -4,9 +4,11 @@ Each ``cdretrieval`` command calls exactly one function here:
 
 * :func:`embed_domains` — ``cdretrieval embed``: every image of each domain → an L2-normalised embedding,
   saved resumably under ``RUN_DIR/embeddings/`` (see :mod:`cdretrieval.embedding_chunks`).
-* :func:`build_indexes` — ``cdretrieval index``: embeddings → one FAISS index per domain in ``RUN_DIR/index/``.
+* :func:`build_indexes` — ``cdretrieval index``: embeddings → one FAISS index per domain in ``RUN_DIR/index/``,
+  plus the domain detector that "auto" searches use (:mod:`cdretrieval.domain_detection`).
 * :func:`add_to_index` — ``cdretrieval index --add``: append new images to one domain's index.
-* :func:`evaluate` — ``cdretrieval evaluate``: P@k / mAP (and paired R@k) for every directed domain pair.
+* :func:`evaluate` — ``cdretrieval evaluate``: P@k / mAP (and paired R@k) for every directed domain pair, and
+  (given an index's domain detector) its accuracy on the evaluated images.
 
 Without a run folder, embedding and evaluation use the backbone's pooled features with no adaptation
 (the baseline of DESIGN.md §3).
@@ -38,21 +40,24 @@ from cdretrieval.data.folders import Sample, parse_domains, scan_domains
 from cdretrieval.data.images import is_image_file
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.device import amp_dtype, resolve_device, use_channels_last
+from cdretrieval.domain_detection import DETECTOR_FEATURES, DomainDetector
 from cdretrieval.embed import iter_extract
 from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE, Chunk, ChunkStore, samples_fingerprint
 from cdretrieval.errors import CDRetrievalError, CheckpointError, DataError, IndexMismatchError, QueryError
-from cdretrieval.index import INDEX_SET_FILE, MANIFEST_FILE, IndexSet, Item, UseGpu, safe_domain_name
+from cdretrieval.index import INDEX_SET_FILE, MANIFEST_FILE, IndexSet, Item, UseGpu, load_detector, safe_domain_name
 from cdretrieval.io import read_json
 from cdretrieval.metrics import evaluate_domains
 from cdretrieval.models.backbones import DEFAULT_BACKBONE
 from cdretrieval.models.encoder import Encoder, build_encoder, state_dict_hash
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams
-from cdretrieval.run import INDEX_DIR, load_encoder, model_hash
+from cdretrieval.run import CHECKPOINT_FILE, INDEX_DIR, load_encoder, model_hash
 
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS_DIR = "embeddings"
 FEATURES = ("head", "backbone")
+#: What :func:`build_indexes` fits the domain detector on by default (see docs/ui.md for the measurements).
+DEFAULT_DETECTOR_FEATURE = "backbone"
 
 #: ``on_chunk(domain, chunk_index, samples_done, samples_total)``, called after each newly computed chunk.
 ChunkCallback = Callable[[str, int, int, int], None]
@@ -475,6 +480,7 @@ def build_indexes(
     index_dir: str | os.PathLike[str] | None = None,
     use_gpu: UseGpu = "auto",
     rerank: RerankParams | None = DEFAULT_RERANK,
+    domain_detector: str | None = DEFAULT_DETECTOR_FEATURE,
     **index_options: Any,
 ) -> IndexSet:
     """Embed ``domains`` with the run's encoder (resumably, see :func:`embed_domains`) and index each one.
@@ -489,6 +495,11 @@ def build_indexes(
         rerank: re-ranking (default :data:`~cdretrieval.rerank.DEFAULT_RERANK`; None = plain indexes): each
             domain's vectors are replaced by their database-side augmentation before indexing and the
             params go into the manifests, so searches expand queries (see :mod:`cdretrieval.rerank`).
+        domain_detector: the feature the domain detector is fitted on — ``"backbone"`` (default: the
+            backbone's pooled features, embedded once more and cached unless that is what is indexed) or
+            ``"head"`` — or None for no detector (then "auto" searches every domain). Needs ≥ 2 domains
+            (with one, no detector is fitted). Saved as ``index/domain_detector.json``
+            (:class:`~cdretrieval.domain_detection.DomainDetector`).
         index_options: passed to :meth:`DomainIndex.build` (``nlist``, ``nprobe``, ``hnsw_m``, ...).
         Others: as :func:`embed_domains`.
 
@@ -497,6 +508,8 @@ def build_indexes(
     """
     _check_embed_args(batch_size, num_workers, chunk_size)
     _check_rerank(rerank)
+    if domain_detector is not None and domain_detector not in DETECTOR_FEATURES:
+        raise ValueError(f"domain_detector must be one of {DETECTOR_FEATURES} or None, got {domain_detector!r}")
     root, data = _scan(data_root, domains, split)
     model = load_model(run_dir, feature=feature, device=device)
     assert model.run_dir is not None
@@ -527,8 +540,41 @@ def build_indexes(
     extra = _provenance(model, root, split)
     for d in iset:
         iset[d].manifest.update(extra, skipped=len(embedded[d].skipped))
+    if domain_detector is not None and len(embedded) >= 2:
+        vectors = _feature_vectors(model, domain_detector, embedded, data, split, chunk_size=chunk_size,
+                                   batch_size=batch_size, num_workers=num_workers, progress=progress, resume=resume)
+        iset.set_detector(DomainDetector.fit(vectors, feature=domain_detector,  # type: ignore[arg-type]
+                                             model_hash=model.model_hash))
+        logger.info("domain detector (%s features): held-out accuracy %s", domain_detector,
+                    iset.detector.holdout_accuracy if iset.detector is not None else None)
     _save_index_set(iset, _index_root(model.run_dir, index_dir))
     return iset
+
+
+def _feature_vectors(
+    model: LoadedModel,
+    feature: str,
+    embedded: Mapping[str, EmbeddedDomain],
+    data: Mapping[str, Sequence[Sample]],
+    split: str | None,
+    *,
+    chunk_size: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    resume: bool,
+    store_base: Path | None = None,
+) -> dict[str, np.ndarray]:
+    """Each domain's ``feature`` vectors: the embeddings at hand when they are that feature, else embedded
+    (resumably, in ``store_base``, default the run's embedding store) with the same model."""
+    if feature == model.feature:
+        return {d: e.embeddings for d, e in embedded.items()}
+    other = model.with_feature(feature)
+    base = store_base if store_base is not None else (
+        model.run_dir / EMBEDDINGS_DIR if model.run_dir is not None else None)
+    out = _embed_all(other, data, base, split, chunk_size=chunk_size, batch_size=batch_size,
+                     num_workers=num_workers, progress=progress, resume=resume)
+    return {d: e.embeddings for d, e in out.items() if len(e)}
 
 
 def _recorded_build(root: Path) -> tuple[str | None, str | None]:
@@ -548,15 +594,20 @@ def load_run_index(
     index_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device = "auto",
     use_gpu: UseGpu = "auto",
+    on_stage: Callable[[str], None] | None = None,
 ) -> tuple[LoadedModel, IndexSet]:
     """A run's encoder and its saved indexes, checked to belong together.
 
     The embedding ``feature`` is the one the index recorded. An index built with another model (hash) or
-    dimension is refused with :class:`IndexMismatchError` saying how to rebuild it.
+    dimension is refused with :class:`IndexMismatchError` saying how to rebuild it. ``on_stage(message)``
+    is told what is being loaded as each part starts (e.g. to print it).
     """
+    say = on_stage or (lambda _message: None)
+    say(f"loading the model from {Path(run_dir) / CHECKPOINT_FILE}")
     model = load_model(run_dir, device=device)
     assert model.run_dir is not None
     root = _index_root(model.run_dir, index_dir)
+    say(f"loading the indexes from {root}")
     recorded_hash, recorded_root = _recorded_build(root)
     rebuild = f"rerun `cdretrieval index --run {model.run_dir} --data {recorded_root or 'ROOT'}`"
     try:
@@ -732,6 +783,7 @@ def evaluate(
     resume: bool = True,
     embeddings_dir: str | os.PathLike[str] | None = None,
     rerank: RerankParams | None = None,
+    domain_detector: DomainDetector | str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Retrieval quality for every directed pair of ``domains`` (DESIGN.md §3), class folders as ground truth.
 
@@ -741,14 +793,22 @@ def evaluate(
     :class:`~cdretrieval.retrieval.Retriever` over a flat index built with the same params does (see
     :func:`cdretrieval.metrics.evaluate_domains`).
 
+    With ``domain_detector`` (a :class:`~cdretrieval.domain_detection.DomainDetector`, or an index folder
+    such as ``RUN_DIR/index`` whose detector is read), the result also holds ``domain_detection``: how
+    often the detector names the evaluated images' own domain (folder). Give it images the index was not
+    built from (e.g. index the train split, evaluate the test split) for a held-out accuracy.
+
     Returns:
         ``{"pairs": [{"query", "gallery", "n_query", "n_gallery", "P@k"..., "mAP", ["R@k"...]}, ...],
         "mean": {...}, "run", "backbone", "feature", "image_size", "model_hash", "data_root", "split", "ks",
-        "skipped": {domain: count}, "rerank": params dict or None}`` (metric values in [0, 1], None where
-        undefined).
+        "skipped": {domain: count}, "rerank": params dict or None, "domain_detection": {"accuracy",
+        "per_domain": {domain: accuracy}, "n", "feature", "fit_holdout_accuracy"} or None}`` (metric values
+        in [0, 1], None where undefined).
 
     Raises:
-        QueryError: fewer than two domains, bad ``ks``. DataError: images outside class folders.
+        QueryError: fewer than two domains, bad ``ks``, an index folder without a detector.
+        DataError: images outside class folders. IndexMismatchError: a detector of another model.
+        IndexFileError: an unreadable detector.
     """
     ks = _check_ks(ks)
     names = parse_domains(domains)
@@ -756,9 +816,15 @@ def evaluate(
         raise QueryError(f"need at least two domains to evaluate, got {names}")
     _check_embed_args(batch_size, num_workers, DEFAULT_CHUNK_SIZE)
     _check_rerank(rerank)
+    detector = _resolve_detector(domain_detector)
     root, data = _scan(data_root, names, split)
     model = load_model(run_dir, backbone=backbone, weights=weights, feature=feature, image_size=image_size,
                        device=device)
+    if detector is not None and detector.model_hash != model.model_hash:
+        raise IndexMismatchError(
+            f"the domain detector was fitted for model {detector.model_hash[:12]}…, the evaluated model is "
+            f"{model.model_hash[:12]}…; evaluate the run whose index holds the detector"
+        )
     if len(data) < 2:
         raise QueryError(f"need at least two domains to evaluate, {root} has {list(data)}")
     for d, samples in data.items():
@@ -785,6 +851,13 @@ def evaluate(
         paired=_paired_indices(root, embedded),
         rerank=rerank,
     )
+    detection: dict[str, Any] | None = None
+    if detector is not None:
+        vectors = _feature_vectors(model, detector.feature, embedded, data, split, chunk_size=DEFAULT_CHUNK_SIZE,
+                                   batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                   resume=resume, store_base=base)
+        detection = {**detector.accuracy(vectors), "feature": detector.feature,
+                     "fit_holdout_accuracy": detector.holdout_accuracy}
     result.update(
         run=str(model.run_dir) if model.run_dir is not None else None,
         backbone=model.backbone,
@@ -796,5 +869,20 @@ def evaluate(
         ks=ks,
         skipped={d: len(e.skipped) for d, e in embedded.items()},
         rerank=rerank.to_dict() if rerank is not None else None,
+        domain_detection=detection,
     )
     return result
+
+
+def _resolve_detector(detector: DomainDetector | str | os.PathLike[str] | None) -> DomainDetector | None:
+    """A detector given as such, or read from an index folder (QueryError when that index has none)."""
+    if detector is None or isinstance(detector, DomainDetector):
+        return detector
+    if not isinstance(detector, (str, os.PathLike)):
+        raise QueryError(f"domain_detector must be a DomainDetector or an index folder, got {detector!r}")
+    found = load_detector(detector)
+    if found is None:
+        raise QueryError(
+            f"the index in {detector} has no domain detector; rebuild it with `cdretrieval index --run RUN_DIR ...`"
+        )
+    return found

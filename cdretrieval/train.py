@@ -31,6 +31,7 @@ scheduler, epoch, step, banks, MIM state, config, RNG and version; ``resume`` co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -422,6 +423,8 @@ class TrainResult:
     last_losses: dict[str, float]
     mode: str
     domains: dict[str, int]
+    setup_seconds: float = 0.0  # scanning, model set-up and (frozen mode) the feature cache pass
+    wall_seconds: float = 0.0  # the whole pretrain call
 
 
 def resolve_mode(cfg: RunConfig, device: torch.device) -> str:
@@ -539,6 +542,13 @@ class Trainer:
                 p.requires_grad_(False)
             root = self.feature_cache
             if rank() == 0:
+                missing = [d for d, s in self.samples.items()
+                           if not (root / f"{feature_cache_key(self.cfg, s)}.pt").is_file()]
+                if missing and self.progress:
+                    views = 1 + self.cfg.train.cached_views
+                    n = sum(len(self.samples[d]) for d in missing)
+                    tqdm.write(f"caching backbone features once ({views} views of {n} images in {', '.join(missing)}) "
+                               f"under {root}; later runs with the same data and settings reuse them")
                 for d, s in self.samples.items():
                     build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, self.progress)
             if world_size() > 1:
@@ -821,13 +831,21 @@ def pretrain(
     progress: bool = True,
     feature_cache: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
-    """Train a run (see the module docstring) and return a summary; the run folder holds the result."""
+    """Train a run (see the module docstring) and return a summary; the run folder holds the result.
+
+    ``seconds``/``images_per_second`` cover the training epochs; ``setup_seconds`` the set-up (in frozen mode
+    mostly the one-time feature cache pass) and ``wall_seconds`` the whole call.
+    """
+    t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, progress=progress, feature_cache=feature_cache)
+    setup = time.perf_counter() - t0
     result = trainer.fit(resume=resume)
+    result = dataclasses.replace(result, setup_seconds=setup, wall_seconds=time.perf_counter() - t0)
     if rank() == 0:
         summary = {
             "version": __version__, "mode": result.mode, "epochs": result.epochs_done, "steps": result.steps,
             "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
+            "setup_seconds": round(result.setup_seconds, 2), "wall_seconds": round(result.wall_seconds, 2),
             "last_losses": result.last_losses, "domains": result.domains,
         }
         from cdretrieval.io import atomic_write_json

@@ -52,17 +52,18 @@ def _training_done(run_dir: Path, cfg: RunConfig) -> bool:
 
 
 def _index_matches(run_dir: Path) -> bool:
-    """True when RUN_DIR/index exists and was built with the run's current model."""
+    """True when RUN_DIR/index exists, was built with the run's current model and has a domain detector
+    (an index from before domain detection is rebuilt, so the demo's "auto" searches detect)."""
     from cdretrieval.index import IndexSet
 
     if not (run_dir / INDEX_DIR).is_dir():
         return False
     try:
         enc, _ = load_encoder(run_dir)
-        IndexSet.load(run_dir / INDEX_DIR, expected_model_hash=model_hash(enc))
+        iset = IndexSet.load(run_dir / INDEX_DIR, expected_model_hash=model_hash(enc))
     except (CDRetrievalError, ValueError, OSError):
         return False
-    return True
+    return iset.detector is not None or len(iset) < 2
 
 
 @dataclass

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from cdretrieval.cli import build_parser, main
+from cdretrieval.cli import EXIT_BROKEN_PIPE, P_AT_K_NOTE, build_parser, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,17 +44,71 @@ def test_index_then_search_json(run: Path, demo_root: Path, capsys: pytest.Captu
     assert built["dim"] == 32 and built["domains"] == {
         "ink": {"count": 120, "index_type": "flat"}, "photo": {"count": 120, "index_type": "flat"}
     }
+    detector = built["domain_detector"]
+    assert detector["domains"] == ["ink", "photo"] and detector["feature"] == "backbone"
+    assert detector["holdout_accuracy"] >= 0.95
     query = next((demo_root / "ink").rglob("*.png"))
     assert main(["search", "--run", str(run), "--query", str(query), "--target", "photo", "-k", "4", "--json",
                  "--device", "cpu"]) == 0
-    results = json.loads(capsys.readouterr().out)
+    answers = json.loads(capsys.readouterr().out)
+    assert len(answers) == 1 and answers[0]["query"] == str(query)
+    assert answers[0]["target_domains"] == ["photo"] and answers[0]["detected"]["domain"] == "ink"
+    results = answers[0]["results"]
     assert [r["rank"] for r in results] == [1, 2, 3, 4] and {r["domain"] for r in results} == {"photo"}
-    assert set(results[0]) == {"rank", "path", "domain", "score", "label", "item_id"}
+    assert set(results[0]) == {"rank", "path", "domain", "score", "label", "item_id", "calibrated_score"}
     assert results[0]["score"] >= results[-1]["score"]
 
     assert main(["search", "--run", str(run), "--query", str(query), "--target", "ink", "-k", "2"]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["rank", "score", "domain", "label", "path"] and str(query) in table[1]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("detected domain: ink (") and lines[0].endswith("searched: ink")
+    assert lines[1].split() == ["rank", "score", "z", "domain", "label", "path"] and str(query) in lines[2]
+
+
+def test_search_auto_and_batch_queries(indexed_run: Path, demo_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several files and a folder: one JSON object per query, each excluding its detected domain."""
+    ink = sorted((demo_root / "ink" / "3").glob("*.png"))[:2]
+    folder = demo_root / "photo" / "7"
+    photos = sorted(folder.glob("*.png"))
+    assert main(["search", "--run", str(indexed_run), "--query", *map(str, ink), str(folder), "-k", "3",
+                 "--batch-size", "4", "--json", "--device", "cpu"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert [a["query"] for a in answers] == [str(p) for p in [*ink, *photos]]
+    for a in answers:
+        own = "ink" if "/ink/" in a["query"] else "photo"
+        assert a["source"] == "detected" and a["source_domain"] == own == a["detected"]["domain"]
+        assert own not in a["target_domains"] and len(a["results"]) == 3
+        assert all(r["domain"] != own for r in a["results"])
+    assert main(["search", "--run", str(indexed_run), "--query", str(ink[0]), str(ink[1]), "-k", "2",
+                 "--source", "outline", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("query: ") == 2 and text.count("source domain: outline; searched: ink, photo") == 2
+
+
+def test_search_json_into_a_closed_pipe(indexed_run: Path, demo_root: Path) -> None:
+    """`search --json | head` ends quietly (no BrokenPipeError traceback) with status 141."""
+    queries = [str(p) for p in sorted((demo_root / "ink" / "1").glob("*.png"))[:3]]  # ~170 kB of JSON
+    code = ("import sys; from cdretrieval.cli import main; sys.exit(main(['search', '--run', sys.argv[1], "
+            "'--device', 'cpu', '-k', '200', '--json', '--query', *sys.argv[2:]]))")
+    proc = subprocess.run(
+        f'"{sys.executable}" -c "{code}" "{indexed_run}" {" ".join(queries)} | head -c 100; '
+        'echo "status=${PIPESTATUS[0]}" >&2',
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=180,
+    )
+    assert proc.stdout.startswith("[") and len(proc.stdout) == 100
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert f"status={EXIT_BROKEN_PIPE}" in proc.stderr, proc.stderr
+
+
+def test_serve_checks_the_port_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.perf_counter()
+        # The run does not exist: the port is named first, before anything is loaded.
+        assert main(["serve", "--run", str(tmp_path / "no-run"), "--port", str(port)]) == 2
+        assert time.perf_counter() - start < 10
+    assert capsys.readouterr().err.strip() == f"error: port {port} is in use; pass --port N"
 
 
 def test_index_add(run: Path, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,13 +128,22 @@ def test_evaluate_json(run: Path, demo_root: Path, tmp_path: Path, capsys: pytes
                  "--json", str(out), *FAST])
     assert code == 0
     table = capsys.readouterr().out
-    assert table.startswith("| query | gallery |") and "**mean**" in table
+    assert table.startswith("| query | gallery |") and "**mean**" in table and P_AT_K_NOTE in table
+    assert "min(k, #relevant" in table
     result = json.loads(out.read_text())
+    assert result["domain_detection"] is None
     assert {"pairs", "mean", "run", "backbone", "feature", "image_size"} <= set(result)
     assert [(p["query"], p["gallery"]) for p in result["pairs"]] == [("ink", "photo"), ("photo", "ink")]
     for p in result["pairs"]:
         assert {"query", "gallery", "n_query", "n_gallery", "P@1", "P@5", "mAP"} <= set(p)
     assert result["run"] == str(run.resolve()) and result["feature"] == "head" and result["image_size"] == 64
+
+    # The index's domain detector scored on the evaluated images (here: the indexed ones themselves).
+    assert main(["evaluate", "--data", str(demo_root), "--domains", "ink,photo", "--run", str(run), "--ks", "1",
+                 "--detector", str(run / "index"), "--json", str(out), *FAST]) == 0
+    assert "domain detection (backbone features): accuracy 1.0000 on 240 images" in capsys.readouterr().out
+    detection = json.loads(out.read_text())["domain_detection"]
+    assert detection["accuracy"] == 1.0 and detection["n"] == 240 and set(detection["per_domain"]) == {"ink", "photo"}
 
 
 @pytest.mark.parametrize(

@@ -83,8 +83,8 @@ def aqe_reference(q: np.ndarray, gallery: np.ndarray, k: int, alpha: float) -> n
 
 def test_params_defaults_validation_and_dict() -> None:
     p = RerankParams()
-    assert (p.dba_k, p.dba_power, p.qe_k, p.qe_alpha) == (10, 3.0, 10, 3.0) and p == DEFAULT_RERANK
-    assert p.to_dict() == {"dba_k": 10, "dba_power": 3.0, "qe_k": 10, "qe_alpha": 3.0}
+    assert (p.dba_k, p.dba_power, p.qe_k, p.qe_alpha) == (20, 3.0, 20, 3.0) and p == DEFAULT_RERANK
+    assert p.to_dict() == {"dba_k": 20, "dba_power": 3.0, "qe_k": 20, "qe_alpha": 3.0}
     assert RerankParams.from_dict(p.to_dict()) == p
     assert RerankParams.from_dict({"qe_k": 0}) == RerankParams(qe_k=0) and not RerankParams(qe_k=0).uses_qe
     assert not RerankParams(dba_k=1).uses_dba and isinstance(RerankParams(dba_power=2).dba_power, float)
@@ -132,7 +132,7 @@ def test_alpha_qe_matches_hand_values_and_loop_reference() -> None:
     g, q = clustered(400, seed=3), clustered(20, seed=4)
     index = DomainIndex.build(g, make_items(400), "photo", "hash-a")
     np.testing.assert_allclose(alpha_query_expansion(q, index, DEFAULT_RERANK),
-                               aqe_reference(q, g, 10, 3.0), atol=1e-5)
+                               aqe_reference(q, g, DEFAULT_RERANK.qe_k, DEFAULT_RERANK.qe_alpha), atol=1e-5)
     np.testing.assert_allclose(alpha_query_expansion(q, ArrayGallery(g), DEFAULT_RERANK),
                                alpha_query_expansion(q, index, DEFAULT_RERANK), atol=1e-6)
 
@@ -270,11 +270,12 @@ def test_retriever_expands_per_target_domain(retriever: Retriever) -> None:
         plain = retriever.search(path, t, k=8, rerank=False)
         assert [r.item_id for r in plain] == plain_ids[0].tolist()
         np.testing.assert_allclose([r.score for r in plain], plain_scores[0], atol=1e-5)
-    # Several targets: each has its own expanded query; the merge is the best k of the per-domain results.
+    # Several targets: each has its own expanded query; the merge is the best k of the per-domain results,
+    # by calibrated score (see cdretrieval.retrieval.merge_calibrated).
     both = retriever.search(path, ["outline", "photo"], k=10)
     union = retriever.search(path, "outline", k=10) + retriever.search(path, "photo", k=10)
-    np.testing.assert_allclose([r.score for r in both], sorted((r.score for r in union), reverse=True)[:10],
-                               rtol=1e-6)
+    best = sorted(union, key=lambda r: -(r.calibrated_score or 0.0))[:10]
+    assert [(r.domain, r.item_id) for r in both] == [(r.domain, r.item_id) for r in best]
     batch = retriever.search_batch([path, retriever.indexes["ink"].items[9].path], "photo", k=5)
     assert _ids(batch[0]) == _ids(retriever.search(path, "photo", k=5))
     with pytest.raises(QueryError, match="rerank must be"):
@@ -357,10 +358,10 @@ def test_cli_rerank_options(reranked_run: Path, retriever: Retriever, demo_root:
     search = ["search", "--run", str(reranked_run), "--query", path, "--target", "photo", "-k", "5", "--json",
               "--device", "cpu"]
     assert main([*search, "--no-rerank"]) == 0
-    plain = json.loads(capsys.readouterr().out)
+    plain = json.loads(capsys.readouterr().out)[0]["results"]
     assert [r["item_id"] for r in plain] == [r.item_id for r in retriever.search(path, "photo", k=5, rerank=False)]
     assert main(search) == 0
-    default = json.loads(capsys.readouterr().out)
+    default = json.loads(capsys.readouterr().out)[0]["results"]
     assert [r["item_id"] for r in default] == [r.item_id for r in retriever.search(path, "photo", k=5)]
 
     run = tmp_path / "run"
@@ -368,7 +369,7 @@ def test_cli_rerank_options(reranked_run: Path, retriever: Retriever, demo_root:
     cpu = ["--num-workers", "0", "--no-progress", "--device", "cpu"]
     assert main(["index", "--run", str(run), "--data", str(demo_root), "--domains", "ink,photo", "--dba-k", "5",
                  "--qe-alpha", "1", *cpu]) == 0
-    assert json.loads(capsys.readouterr().out)["rerank"] == {"dba_k": 5, "dba_power": 3.0, "qe_k": 10, "qe_alpha": 1.0}
+    assert json.loads(capsys.readouterr().out)["rerank"] == {"dba_k": 5, "dba_power": 3.0, "qe_k": 20, "qe_alpha": 1.0}
     assert IndexSet.load(run / INDEX_DIR)["photo"].rerank == RerankParams(dba_k=5, qe_alpha=1.0)
     assert main(["index", "--run", str(run), "--data", str(demo_root), "--domains", "ink,photo", "--no-rerank",
                  *cpu]) == 0

@@ -13,9 +13,11 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from cdretrieval.config import RunConfig
+from cdretrieval.data.demo import _stroke_mask, render_ink, render_outline, render_photo
 from cdretrieval.errors import IndexFileError, IndexMismatchError, QueryError
-from cdretrieval.retrieval import Retriever, SearchResult
-from cdretrieval.run import load_checkpoint, save_checkpoint
+from cdretrieval.index import IndexSet
+from cdretrieval.retrieval import Retriever, SearchResult, calibrate_scores, merge_calibrated
+from cdretrieval.run import INDEX_DIR, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,6 +38,9 @@ def test_info_and_domains(retriever: Retriever, indexed_run: Path, demo_root: Pa
     assert info["dim"] == 32 and info["feature"] == "head" and info["image_size"] == 64
     assert info["backbone"] == "efficientnet_lite0" and info["index_type"] == "flat"
     assert info["data_root"] == str(demo_root.resolve()) and info["run_dir"] == str(indexed_run.resolve())
+    detection = info["domain_detection"]
+    assert detection["domains"] == ["ink", "outline", "photo"] and detection["feature"] == "backbone"
+    assert detection["holdout_accuracy"] >= 0.95
 
 
 def test_every_query_form_gives_the_same_embedding(retriever: Retriever) -> None:
@@ -65,11 +70,15 @@ def test_every_query_form_gives_the_same_embedding(retriever: Retriever) -> None
 
 
 def _check_results(results: list[SearchResult], k: int, domains: set[str]) -> None:
+    """Ranks 1..k, ranked by calibrated score, cosines in [-1, 1] and in order within each domain."""
     assert [r.rank for r in results] == list(range(1, k + 1))
-    scores = [r.score for r in results]
-    assert scores == sorted(scores, reverse=True)
+    calibrated = [r.calibrated_score for r in results]
+    assert all(c is not None for c in calibrated) and calibrated == sorted(calibrated, reverse=True)  # type: ignore
+    for d in {r.domain for r in results}:
+        scores = [r.score for r in results if r.domain == d]
+        assert scores == sorted(scores, reverse=True)
     assert {r.domain for r in results} <= domains
-    assert all(-1.0001 <= s <= 1.0001 for s in scores)
+    assert all(-1.0001 <= r.score <= 1.0001 for r in results)
 
 
 def test_search_one_target(retriever: Retriever) -> None:
@@ -93,17 +102,123 @@ def test_several_and_all_targets(retriever: Retriever) -> None:
     q = _ink_path(retriever)
     both = retriever.search(q, ["outline", "photo"], k=10)
     _check_results(both, 10, {"outline", "photo"})
-    # The merge is the best 10 of the union of the per-domain top 10s.
+    # The merge is the best 10 of the union of the per-domain top 10s, by calibrated score.
     union = retriever.search(q, "outline", k=10) + retriever.search(q, "photo", k=10)
-    expected = sorted((r.score for r in union), reverse=True)[:10]
-    np.testing.assert_allclose([r.score for r in both], expected, rtol=1e-6)
+    expected = sorted(union, key=lambda r: -(r.calibrated_score or 0.0))[:10]
+    assert [(r.domain, r.item_id) for r in both] == [(r.domain, r.item_id) for r in expected]
 
-    everything = retriever.search(q, None, k=5)
+    everything = retriever.search(q, ["ink", "outline", "photo"], k=5)  # its own domain too, when asked for
     _check_results(everything, 5, {"ink", "outline", "photo"})
-    assert everything[0].domain == "ink" and everything[0].score == pytest.approx(1.0, abs=1e-4)  # itself
     others = retriever.search(q, k=30, source_domain="ink")
     _check_results(others, 30, {"outline", "photo"})
     assert {r.domain for r in others} == {"outline", "photo"}
+
+
+def _fresh_demo_images(per_domain: int = 4) -> dict[str, list[Image.Image]]:
+    """Demo-style images of digits the 120-per-domain test data does not hold (held out from the index)."""
+    from sklearn.datasets import load_digits, load_sample_images
+
+    digits = load_digits().images[-3 * per_domain:]  # the last digits: beyond the test data's capped thirds
+    photos = [np.asarray(p) for p in load_sample_images().images]
+    rng = np.random.default_rng(7)
+    out: dict[str, list[Image.Image]] = {"ink": [], "outline": [], "photo": []}
+    for i, d8 in enumerate(digits):
+        mask = _stroke_mask(d8, rng, 64)
+        domain = list(out)[i % 3]
+        img = render_ink(mask) if domain == "ink" else (
+            render_outline(mask, rng) if domain == "outline" else render_photo(mask, photos, rng))
+        out[domain].append(img)
+    return out
+
+
+def test_detect_domain_on_demo_images(retriever: Retriever) -> None:
+    fresh = _fresh_demo_images()
+    for domain, images in fresh.items():
+        for found in retriever.detect_domain_batch(images):
+            assert found.domain == domain, (domain, found)
+            assert found.confidence == max(found.probabilities.values()) and found.confidence > 0.5
+    indexed = [retriever.indexes[d].items[i].path for d in retriever.domains for i in (1, 50)]
+    assert [d.domain for d in retriever.detect_domain_batch(indexed)] == ["ink"] * 2 + ["outline"] * 2 + ["photo"] * 2
+    domain, confidence, probabilities = retriever.detect_domain(indexed[0])  # a named tuple
+    assert confidence == max(probabilities.values())
+    assert domain == "ink" and set(probabilities) == {"ink", "outline", "photo"}
+
+
+def test_auto_search_excludes_the_detected_domain(retriever: Retriever) -> None:
+    photo = _fresh_demo_images()["photo"][0]
+    response = retriever.retrieve(photo, k=12)  # source_domain="auto" by default
+    assert response.source == "detected" and response.source_domain == "photo"
+    assert response.detection is not None and response.detection.domain == "photo"
+    assert response.target_domains == ["ink", "outline"]
+    _check_results(response.results, 12, {"ink", "outline"})
+    assert retriever.search(photo, k=12, source_domain=None) == response.results  # None means auto too
+    as_dict = response.to_dict()
+    assert as_dict["detected"]["domain"] == "photo" and as_dict["source"] == "detected"
+    given = retriever.retrieve(photo, k=5, source_domain="ink")  # a given domain is not second-guessed
+    assert given.source == "given" and given.detection is None and given.target_domains == ["outline", "photo"]
+    explicit = retriever.retrieve(photo, "photo", k=3)  # explicit targets are searched; detection is reported
+    assert explicit.target_domains == ["photo"] and explicit.source_domain == "photo"
+    batch = retriever.retrieve_batch([photo, _fresh_demo_images()["ink"][0]], k=4)
+    assert [r.source_domain for r in batch] == ["photo", "ink"]
+    assert [r.target_domains for r in batch] == [["ink", "outline"], ["outline", "photo"]]
+
+
+def test_index_without_detector_searches_every_domain(indexed_run: Path, tmp_path: Path) -> None:
+    iset = IndexSet.load(indexed_run / INDEX_DIR)
+    iset.set_detector(None)
+    plain = iset.save(tmp_path / "index")
+    retriever = Retriever.from_run(indexed_run, device="cpu", index_dir=plain)
+    assert retriever.detector is None and retriever.info()["domain_detection"] is None
+    with pytest.raises(QueryError, match="domain detection is unavailable.*cdretrieval index"):
+        retriever.detect_domain(_ink_path(retriever))
+    response = retriever.retrieve(_ink_path(retriever), k=5)
+    assert response.source == "unknown" and response.source_domain is None and response.detection is None
+    assert response.target_domains == ["ink", "outline", "photo"]
+    _check_results(response.results, 5, {"ink", "outline", "photo"})
+
+
+def test_calibrated_merge_ignores_a_domain_offset() -> None:
+    """Adding a constant to one domain's cosines (hits and background alike) leaves the merged order as it is."""
+    rng = np.random.default_rng(0)
+    q, k = 20, 10
+    backgrounds = [rng.normal(m, s, size=(q, 300)) for m, s in ((0.2, 0.1), (0.5, 0.05), (0.0, 0.2))]
+    scores = [-np.sort(-rng.normal(m + 2.5 * s, s, size=(q, k)), axis=1)
+              for m, s in ((0.2, 0.1), (0.5, 0.05), (0.0, 0.2))]
+    base = merge_calibrated(scores, backgrounds, k)
+    for t in range(3):
+        for offset in (0.3, -0.4):
+            shifted_s = [s + offset if i == t else s for i, s in enumerate(scores)]
+            shifted_b = [b + offset if i == t else b for i, b in enumerate(backgrounds)]
+            got = merge_calibrated(shifted_s, shifted_b, k)
+            np.testing.assert_array_equal(got[0], base[0])
+            np.testing.assert_array_equal(got[1], base[1])
+    # Two domains alike but one offset by +0.2: raw cosine hands it the whole list, calibration shares it.
+    alike = [rng.normal(0.3, 0.1, size=(q, 300)) for _ in range(2)]
+    hits = [-np.sort(-a, axis=1)[:, :k] for a in alike]  # each domain's best k
+    hits[1] = hits[1] + 0.2
+    alike[1] = alike[1] + 0.2
+    raw = np.argsort(-np.concatenate(hits, axis=1), axis=1, kind="stable")[:, :k] >= k
+    assert raw.mean() > 0.9  # by raw score the offset domain crowds the other out
+    dom, _, z = merge_calibrated(hits, alike, k)
+    assert 0.3 < (dom == 1).mean() < 0.7
+    assert np.all(np.diff(z, axis=1) <= 0)
+    assert calibrate_scores(np.array([[-np.inf, 0.5]]), np.array([[0.5, 0.5]]))[0, 0] == -np.inf
+
+
+def test_retriever_merge_ignores_a_domain_offset(retriever: Retriever, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the Retriever: one target's cosines (hits and distribution) shifted by +0.5 change nothing."""
+    queries = [_ink_path(retriever, i) for i in (0, 7, 21)]
+    before = [[(r.domain, r.item_id) for r in hits] for hits in retriever.search_batch(queries, k=10)]
+    original = Retriever._scored
+
+    def shifted(self: Retriever, domain: str, unit: np.ndarray, k: int, rerank: bool | None) -> tuple:
+        scores, ids, background = original(self, domain, unit, k, rerank)
+        return (scores + 0.5, ids, background + 0.5) if domain == "photo" else (scores, ids, background)
+
+    monkeypatch.setattr(Retriever, "_scored", shifted)
+    after = [[(r.domain, r.item_id) for r in hits] for hits in retriever.search_batch(queries, k=10)]
+    assert after == before
+    assert all({d for d, _ in hits} == {"outline", "photo"} for hits in after)  # both domains get a share
 
 
 def test_k_larger_than_gallery_returns_all(retriever: Retriever) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -17,11 +18,14 @@ if TYPE_CHECKING:
 
 from app.server import indexed_folders, launch_options, parse_auth, resolve_auth
 from app.ui import (
+    CSV_COLUMNS,
     QueryInputError,
+    SearchService,
     check_k,
     default_targets,
     info_markdown,
     load_upload,
+    page_info,
     prepare_sketch,
     resolve_domains,
 )
@@ -60,7 +64,7 @@ def test_search_returns_k_results_from_target_sorted(client: Client, served: Ser
         assert r["label"] in {str(d) for d in range(10)}
         assert r["file"].startswith("photo/") and not Path(r["file"]).is_absolute()
     for item, r in zip(gallery, rows, strict=True):
-        assert item["caption"] == f"{r['score']:.3f} · photo · {r['label']}"
+        assert item["caption"] == f"photo · {r['label']} · {r['score']:.3f}"
         with Image.open(item["image"]) as thumb:  # a small thumbnail, not the original file
             assert max(thumb.size) <= 160
 
@@ -68,10 +72,22 @@ def test_search_returns_k_results_from_target_sorted(client: Client, served: Ser
 def test_search_all_other_domains_by_default(client: Client, served: Served) -> None:
     _, result = _search(client, _query_file(served.data_root, "photo", "5"), "photo", [], 12)
     rows = result["results"]
-    assert result["target_domains"] == ["ink", "outline"]
+    assert result["target_domains"] == ["ink", "outline"] and result["source"] == "given"
+    assert result["detected"] is None and result["source_domain"] == "photo"
     assert len(rows) == 12 and {r["domain"] for r in rows} <= {"ink", "outline"}
-    scores = [r["score"] for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    calibrated = [r["calibrated_score"] for r in rows]  # ranked by per-domain calibrated score
+    assert calibrated == sorted(calibrated, reverse=True)
+    for d in ("ink", "outline"):
+        scores = [r["score"] for r in rows if r["domain"] == d]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_auto_detects_the_domain_and_searches_the_others(client: Client, served: Served) -> None:
+    _, result = _search(client, _query_file(served.data_root, "ink", "2"), "auto", [], 10)
+    assert result["source"] == "detected" and result["source_domain"] == "ink"
+    assert result["detected"]["domain"] == "ink" and 0.5 < result["detected"]["confidence"] <= 1.0
+    assert result["target_domains"] == ["outline", "photo"]
+    assert len(result["results"]) == 10 and all(r["domain"] != "ink" for r in result["results"])
 
 
 def test_bad_uploads_report_errors_and_next_query_works(client: Client, served: Served, tmp_path: Path) -> None:
@@ -197,6 +213,11 @@ def test_info_panel_and_page(served: Served) -> None:
     labels = {c.get("props", {}).get("label") for c in config["components"]}
     assert "Model and index" in labels
     assert "efficientnet_lite0" in texts and "photo: 120" in texts
+    assert "domain detection" in texts and "held-out accuracy" in texts
+    # The panel names the data root and run by folder, the index relative to the run: no server paths.
+    for absolute in (served.data_root.resolve(), served.run.resolve()):
+        assert str(absolute) not in texts
+    assert f"`{served.run.resolve().name}`" in texts and "**index dir**: `index`" in texts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,14 +248,19 @@ def test_ui_handler_shows_errors_in_page(served: Served) -> None:
     from cdretrieval.retrieval import Retriever
 
     service = SearchService(Retriever.from_run(served.run, device="cpu"))
-    gallery, status, payload = service.ui_search("draw", None, {"composite": None}, "auto", [], 5)
+    gallery, status, payload, *_ = service.ui_search("draw", None, {"composite": None}, "auto", [], 5)
     assert gallery == [] and "empty" in status and payload["ok"] is False
-    gallery, status, payload = service.ui_search("upload", None, None, "auto", [], 5)
+    gallery, status, payload, *_ = service.ui_search("upload", None, None, "auto", [], 5)
     assert gallery == [] and "no image" in status
     canvas = np.full((400, 400, 3), 255, np.uint8)
     canvas[100:300, 190:215] = 0  # a "1"
-    gallery, status, payload = service.ui_search("draw", None, {"composite": Image.fromarray(canvas)}, "ink", [], 4)
+    gallery, status, payload, *_ = service.ui_search("draw", None, {"composite": Image.fromarray(canvas)}, "ink",
+                                                     [], 4)
     assert len(gallery) == 4 and payload["target_domains"] == ["outline", "photo"] and "drawing" in status
+    gallery, status, payload, *_ = service.ui_search("draw", None, {"composite": Image.fromarray(canvas)}, "auto",
+                                                     [], 4)
+    detected = payload["detected"]["domain"]  # a drawing is told apart like any query; it is not searched
+    assert f"detected: **{detected}**" in status and detected not in payload["target_domains"]
 
 
 def test_validation_helpers(tmp_path: Path) -> None:
@@ -243,9 +269,10 @@ def test_validation_helpers(tmp_path: Path) -> None:
         with pytest.raises(QueryInputError):
             check_k(bad)
     domains = ["ink", "outline", "photo"]
-    assert resolve_domains(domains, "auto", []) == (None, domains)
-    assert resolve_domains(domains, "ink", None) == ("ink", ["outline", "photo"])
+    assert resolve_domains(domains, "auto", []) == (None, None)  # None: every domain but the query's
+    assert resolve_domains(domains, "ink", None) == ("ink", None)
     assert resolve_domains(domains, "ink", ["ink"]) == ("ink", ["ink"])
+    assert resolve_domains(["ink"], "auto", []) == (None, ["ink"])
     with pytest.raises(QueryInputError, match="sketchy"):
         resolve_domains(domains, "sketchy", [])
     assert default_targets(domains, "photo") == ["ink", "outline"]
@@ -256,7 +283,10 @@ def test_validation_helpers(tmp_path: Path) -> None:
     with pytest.raises(QueryInputError, match="no image"):
         load_upload(None, max_bytes=1024)
     assert "a: 1, b: 2" in info_markdown({"counts": {"a": 1, "b": 2}})
-    assert "`/data/my_root`" in info_markdown({"data_root": "/data/my_root"})
+    shown = page_info({"data_root": "/data/my_root", "run_dir": "/srv/runs/demo", "index_dir": "/srv/runs/demo/index",
+                       "domain_detection": None})
+    assert shown["data_root"] == "my_root" and shown["run_dir"] == "demo" and shown["index_dir"] == "index"
+    assert "unavailable" in shown["domain_detection"] and "/srv" not in info_markdown(shown)
 
 
 def test_auth_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,19 +338,83 @@ def test_main_reports_missing_run_and_index(
         main(["--help"])
 
 
-def test_upload_component_reports_undecodable_file(tmp_path: Path) -> None:
+def test_undecodable_upload_reaches_the_status_line(served: Served, tmp_path: Path) -> None:
     import gradio as gr
 
-    from app.ui import readable_decode_errors
+    from app.ui import tolerant_upload
+    from cdretrieval.retrieval import Retriever
 
-    image = readable_decode_errors(gr.Image(type="filepath", image_mode=None, render=False))
-    text = tmp_path / "upload.png"
+    image = tolerant_upload(gr.Image(type="filepath", image_mode=None, render=False))
+    text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(gr.Error, match=r"notes\.png: not a readable image"):
-        image.preprocess(image.data_model(path=str(text), orig_name="notes.png"))
+    raw = image.preprocess(image.data_model(path=str(text), orig_name="notes.png"))
+    assert raw == str(text)  # not a Gradio error: the handler explains it
+    service = SearchService(Retriever.from_run(served.run, device="cpu"))
+    cleared, status, name = service.on_upload(raw)
+    assert cleared is None and "Error" in status and "notes.png: not a readable image" in status
     good = tmp_path / "good.png"
     Image.new("RGB", (8, 8), "red").save(good)
     assert image.preprocess(image.data_model(path=str(good), orig_name="good.png")) == str(good)
+    _, status, name = service.on_upload(str(good))
+    assert "Ready" in status and "good.png" in name
+
+
+def _file(button: Any) -> str:
+    """The file a DownloadButton update holds (its value is already Gradio's file data)."""
+    value = button.value
+    return str(value["path"] if isinstance(value, dict) else value)
+
+
+def test_result_preview_downloads_and_more_like_this(served: Served, tmp_path: Path) -> None:
+    """Click a result: the original file full size (its own name); CSV/JSON downloads; "more like this"."""
+    import csv
+
+    import gradio as gr
+
+    from cdretrieval.retrieval import Retriever
+
+    retriever = Retriever.from_run(served.run, device="cpu")
+    data = served.data_root.resolve()
+    service = SearchService(retriever, servable_folders=[str(data / d) for d in ("ink", "outline", "photo")])
+    query = str(_query_file(served.data_root, "photo", "4"))
+    _, status, payload, rows, csv_btn, json_btn, _, _ = service.ui_search("upload", query, None, "auto", [],
+                                                                           6, "the uploaded image")
+    assert "detected: **photo**" in status and len(rows) == 6
+    with open(_file(csv_btn)) as f:  # the downloads: relative paths, as the API gives them
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == CSV_COLUMNS and [r["path"] for r in table] == [r["file"] for r in payload["results"]]
+    assert all(not Path(r["path"]).is_absolute() for r in table) and _file(csv_btn).endswith(".csv")
+    assert json.loads(Path(_file(json_btn)).read_text()) == payload
+
+    _, image, text, download, selected = service.select_result(rows, gr.SelectData(None, {"index": 2, "value": None}))
+    original = Path(rows[2]["path"])
+    assert image == str(original)  # the original file, not a thumbnail
+    assert Path(_file(download)).read_bytes() == original.read_bytes() and download.value["orig_name"] == original.name
+    assert download.label == f"Download {original.name}" and f"#3** · {rows[2]['domain']}" in text
+    outside = SearchService(retriever, servable_folders=[str(tmp_path)])  # not served as a file: pixels only
+    _, image, _, download, _ = outside.select_result(rows, gr.SelectData(None, {"index": 2, "value": None}))
+    assert isinstance(image, Image.Image) and download.visible is False
+
+    img, source, targets, _, mode, name = service.more_like_this(selected)
+    assert source == rows[2]["domain"] and targets == [] and mode == "upload" and "result" in name
+    upload = tmp_path / "again.png"
+    img.save(upload)
+    _, status, payload, *_ = service.ui_search("upload", str(upload), None, source, targets, 5, name)
+    assert f"for the result **{rows[2]['domain']}" in status and "uploaded image" not in status
+    assert payload["source"] == "given" and rows[2]["domain"] not in payload["target_domains"]
+
+
+def test_port_in_use_is_reported_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from app.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--run", str(tmp_path / "not-loaded"), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: port {port} is in use; pass --port N"
 
 
 def test_thumbnails_are_small_and_missing_files_get_a_tile(served: Served, tmp_path: Path) -> None:

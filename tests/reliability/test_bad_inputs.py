@@ -185,8 +185,9 @@ def test_odd_files_give_the_same_results_through_api_cli_and_ui(
         code, out, err = _cli(["search", "--run", str(indexed_run), "--query", str(path), "--target", "photo",
                                "-k", "5", "--json", *CPU], capsys)
         assert code == 0, err
-        assert [(r["item_id"], r["path"]) for r in json.loads(out)] == [(r.item_id, r.path) for r in api]
-        np.testing.assert_allclose([r["score"] for r in json.loads(out)], [r.score for r in api], atol=1e-6)
+        rows = json.loads(out)[0]["results"]
+        assert [(r["item_id"], r["path"]) for r in rows] == [(r.item_id, r.path) for r in api]
+        np.testing.assert_allclose([r["score"] for r in rows], [r.score for r in api], atol=1e-6)
 
         _, ui = client.predict(handle_file(str(path)), "auto", ["photo"], 5, api_name="/search")
         assert [r["item_id"] for r in ui["results"]] == [r.item_id for r in api], odd.id
@@ -357,7 +358,7 @@ def test_cli_k_beyond_gallery_returns_everything(indexed_run: Path, demo_root: P
     query = next((demo_root / "ink").rglob("*.png"))
     code, out, _ = _cli(["search", "--run", str(indexed_run), "--query", str(query), "--target", "photo",
                          "-k", "100000", "--json", *CPU], capsys)
-    rows = json.loads(out)
+    rows = json.loads(out)[0]["results"]
     assert code == 0 and len(rows) == 120 and len({r["item_id"] for r in rows}) == 120
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
 
@@ -381,18 +382,22 @@ def test_bad_ui_parameters(server_url: str, demo_root: Path) -> None:
     assert len(result["results"]) == 50
 
 
-def test_ui_upload_component_reports_decompression_bomb(tmp_path: Path) -> None:
-    """The page's image upload opens the file with PIL first: a bomb header gets a readable message too."""
+def test_ui_upload_component_reports_decompression_bomb(tmp_path: Path, retriever: Retriever) -> None:
+    """The page's image upload opens the file with PIL first: a bomb header reaches the handler as the raw
+    file, which reports it readably in the status line."""
     import gradio as gr
 
-    from app.ui import readable_decode_errors
+    from app.ui import SearchService, tolerant_upload
 
-    image = readable_decode_errors(gr.Image(type="filepath", image_mode=None, render=False))
+    image = tolerant_upload(gr.Image(type="filepath", image_mode=None, render=False))
     bomb = next(b for b in BAD if b.id == "bomb-100k-x-100k")
-    path = tmp_path / "upload.png"
+    path = tmp_path / "bomb.png"  # Gradio keeps an upload under its own name
     path.write_bytes(bomb.data)
-    with pytest.raises(gr.Error, match=r"bomb\.png: image too large"):
-        image.preprocess(image.data_model(path=str(path), orig_name="bomb.png"))
+    raw = image.preprocess(image.data_model(path=str(path), orig_name="bomb.png"))
+    assert raw == str(path)
+    cleared, status, _ = SearchService(retriever).on_upload(raw)
+    assert cleared is None and "Error" in status and "bomb.png" in status, status
+    assert re.search(bomb.match, status), status
 
 
 @pytest.mark.filterwarnings("ignore:.*:UserWarning:gradio")  # gr.Warning outside a request
@@ -402,7 +407,7 @@ def test_ui_handler_reports_bad_files_in_the_page(files: Path, retriever: Retrie
 
     service = SearchService(retriever)
     for bad in BAD:
-        gallery, status, payload = service.ui_search("upload", str(files / bad.filename), None, "auto", [], 5)
+        gallery, status, payload, *_ = service.ui_search("upload", str(files / bad.filename), None, "auto", [], 5)
         assert gallery == [] and payload["ok"] is False and "Error" in status, bad.id
         assert re.search(bad.match, payload["error"]) and str(files) not in payload["error"], bad.id
 

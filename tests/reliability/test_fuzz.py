@@ -160,7 +160,12 @@ def _check_hits(hits: list[SearchResult], k: int, targets: list[str], retriever:
     assert len(hits) == min(k, gallery)
     assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
     scores = [h.score for h in hits]
-    assert all(np.isfinite(scores)) and scores == sorted(scores, reverse=True)
+    calibrated = [h.calibrated_score for h in hits]
+    assert all(np.isfinite(scores)) and all(c is not None and np.isfinite(c) for c in calibrated)
+    assert calibrated == sorted(calibrated, reverse=True)  # type: ignore[type-var]  # the merged order
+    for d in {h.domain for h in hits}:  # within a domain, by cosine
+        assert [h.score for h in hits if h.domain == d] == sorted((h.score for h in hits if h.domain == d),
+                                                                  reverse=True)
     assert all(-1.0001 <= s <= 1.0001 for s in scores)
     assert {h.domain for h in hits} <= set(targets)
 
@@ -254,15 +259,17 @@ def test_search_random_arrays_and_parameters(
 ) -> None:
     with time_limit(HANG_SECONDS):
         try:
-            hits = retriever.search(query, target, k=k, source_domain=source)
+            response = retriever.retrieve(query, target, k=k, source_domain=source)  # None: detect it
         except CDRetrievalError:
             return
     assert isinstance(k, int) and not isinstance(k, bool) and k >= 1
     if target is None:
-        targets = [d for d in retriever.domains if d != source]
+        own = source if source is not None else response.source_domain
+        targets = [d for d in retriever.domains if d != own]
     else:
         targets = [target] if isinstance(target, str) else list(dict.fromkeys(target))
-    _check_hits(hits, k, targets, retriever)
+    assert response.target_domains == targets
+    _check_hits(response.results, k, targets, retriever)
 
 
 @SETTINGS

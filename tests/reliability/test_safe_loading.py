@@ -131,7 +131,7 @@ def test_run_and_index_folders_hold_no_pickles(indexed_run: Path) -> None:
             assert zipfile.is_zipfile(p)
             torch.load(p, map_location="cpu", weights_only=True)
     index_files = {p.name for p in (indexed_run / "index").rglob("*") if p.is_file()}
-    assert index_files == {"indexset.json", "index.faiss", "items.jsonl", "manifest.json"}
+    assert index_files == {"indexset.json", "index.faiss", "items.jsonl", "manifest.json", "domain_detector.json"}
 
 
 def _calls(text: str, name: str) -> list[str]:
