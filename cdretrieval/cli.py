@@ -345,7 +345,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     result = pretrain(cfg, args.out, resume=args.resume, progress=args.progress)
     print(
-        f"trained {result.epochs_done} epochs ({result.steps} steps, {result.mode} mode) in {result.seconds:.1f} s "
+        f"trained {result.epochs_done} epochs ({result.steps} steps, {result.mode} mode, "
+        f"{result.images_per_second:.0f} img/s) in {result.seconds:.1f} s after {result.setup_seconds:.1f} s of set-up"
+        f"{' (feature cache included)' if result.mode == 'frozen' else ''}; {result.wall_seconds:.1f} s in all "
         f"→ {args.out}; last losses: " + ", ".join(f"{k}={v:.3f}" for k, v in result.last_losses.items())
     )
     return 0
