@@ -31,16 +31,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m app") -> int:
     """Parse ``argv`` and serve until interrupted; returns a process exit code (2 on a usage/run error)."""
     args = build_parser(prog).parse_args(argv)
     from app.ports import check_port_free
+    from cdretrieval.cli import EXPECTED_ERRORS, error_message
 
     try:
         check_port_free(args.host, args.port)  # before any heavy import or loading: a busy port fails at once
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     print("[serve] starting: importing gradio and torch", flush=True)
     # Imported here so that `--help` is fast and argument errors don't pay for torch/gradio imports.
     from app.server import launch_app, parse_auth
-    from cdretrieval.errors import CDRetrievalError
 
     try:
         auth = parse_auth(args.auth)
@@ -49,8 +49,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m app") -> int:
             max_upload_mb=args.max_upload_mb, open_browser=args.open_browser,
             index_dir=args.index_dir, device=args.device,
         )
-    except (CDRetrievalError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -4,10 +4,10 @@ What a client of the server can reach:
 
 * the page, its assets and the ``/search`` API (behind ``auth`` when set);
 * result thumbnails and uploads, which Gradio keeps in its own cache folder under random hash names;
-* files inside the *indexed data folders* (``allowed_paths``: one folder per domain, the common folder of
-  that domain's indexed images) and nothing else: the run folder (checkpoint, config, indexes) is in
-  ``blocked_paths``, and a folder that would expose too much (``/``, the home folder, an ancestor of the
-  run folder) is never allowed — its images are still shown as thumbnails.
+* exactly the *indexed image files* (``allowed_paths``, :func:`served_files`: each file itself, links
+  resolved, never a folder) and nothing else: another file beside them (``photo/notes.txt``), the folder
+  of an image added with ``index --add``, a link that leads out of the data root, and the run folder
+  (checkpoint, config, indexes; also in ``blocked_paths``) are never served.
 
 Auth: ``auth=("user", "pass")`` or the environment variable ``CDRETRIEVAL_AUTH=user:pass``. ``share=True``
 (a public gradio.live link) and a non-local ``host`` print a warning when no auth is set.
@@ -33,6 +33,7 @@ import gradio as gr
 
 from app.ports import PortInUseError, check_port_free, port_in_use_message
 from app.ui import CSS, build_app
+from cdretrieval.data.images import is_image_file
 from cdretrieval.retrieval import Retriever
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ DEFAULT_PORT = 7860
 CONCURRENCY = 4  # searches running at once; more wait in the queue
 QUEUE_MAX = 64  # waiting requests beyond this are refused ("queue full") instead of piling up
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+MAX_SERVED_FILES = 50_000  # beyond this, no file is served as it is (each request is checked against each)
 
 
 def _say(message: str) -> None:
@@ -84,9 +86,7 @@ def _too_broad(folder: Path, protected: Iterable[Path]) -> bool:
 def indexed_folders(retriever: Retriever, protected: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
     """One folder per indexed domain (the common folder of its images), minus over-broad ones.
 
-    The folders are where the images are *listed*, not where symlinks among them point: a link to a file
-    elsewhere must not widen what is served to the common ancestor of both places (Gradio resolves links
-    in a requested path before checking it against these folders, so such a file is just not served).
+    Informational (what the indexes cover); the server serves :func:`served_files`, never a folder.
     """
     prot = [Path(p).resolve() for p in protected]
     folders: list[str] = []
@@ -96,11 +96,35 @@ def indexed_folders(retriever: Retriever, protected: Iterable[str | os.PathLike[
             continue
         folder = Path(os.path.commonpath(sorted(parents))).resolve()
         if _too_broad(folder, prot):
-            logger.warning("not serving %s (domain %r) as files: too broad; thumbnails only", folder, domain)
+            logger.warning("folder %s (domain %r) is too broad to describe as served", folder, domain)
             continue
         if str(folder) not in folders:
             folders.append(str(folder))
     return folders
+
+
+def served_files(retriever: Retriever, protected: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
+    """Exactly what the server may send as files: the indexed image files, resolved (links followed).
+
+    Left out: an item that is not an image file by name, a link that leads out of the data root its domain
+    was indexed from (:meth:`Retriever.resolve_item_path`), anything that is not a regular file, and
+    anything inside a ``protected`` path (the run folder). More than :data:`MAX_SERVED_FILES` files:
+    none (Gradio checks a request against each allowed path); every image is then shown from its pixels.
+    """
+    prot = [Path(p).resolve() for p in protected]
+    out: set[str] = set()
+    for paths in _item_paths(retriever).values():
+        for path in paths:
+            if retriever.resolve_item_path(path) is None or not is_image_file(path):
+                continue
+            real = Path(path).resolve()
+            if not real.is_file() or not is_image_file(real.name) or any(p == real or p in real.parents for p in prot):
+                continue
+            out.add(str(real))
+    if len(out) > MAX_SERVED_FILES:
+        logger.warning("%d indexed files: too many to serve as files; results are shown from their pixels", len(out))
+        return []
+    return sorted(out)
 
 
 def launch_options(
@@ -127,7 +151,7 @@ def launch_options(
         "auth": auth,
         "share": share,
         "inbrowser": open_browser,
-        "allowed_paths": indexed_folders(retriever, protected=blocked),
+        "allowed_paths": served_files(retriever, protected=blocked),
         "blocked_paths": blocked,
         "max_file_size": f"{int(max_upload_mb)}mb",
         "show_error": False,  # only our own gr.Error messages reach the page, never tracebacks

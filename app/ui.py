@@ -68,8 +68,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cdretrieval.data.images import load_image, load_image_bytes
-from cdretrieval.errors import CDRetrievalError
+from cdretrieval.data.images import check_image_header, load_image, load_image_bytes
+from cdretrieval.errors import CDRetrievalError, ImageLoadError
 from cdretrieval.retrieval import AUTO, Retriever, SearchResponse, SearchResult
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,47 @@ def tolerant_upload(image: gr.Image) -> gr.Image:
     return image
 
 
+def _editor_sources(editor: gr.Sketchpad, payload: Any) -> list[Any]:
+    """The image files or bytes of a Sketchpad payload: background, layers, composite (blobs when sent so)."""
+    parts: Any = payload
+    if getattr(payload, "id", None) is not None:
+        parts = editor.blob_storage.get(payload.id)
+        if parts is None:
+            return []
+    sources = [getattr(parts, "background", None), *(getattr(parts, "layers", None) or []),
+               getattr(parts, "composite", None)]
+    out: list[bytes | str] = []
+    for src in sources:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            out.append(bytes(src))
+        elif getattr(src, "path", None):
+            out.append(str(src.path))
+    return out
+
+
+def guarded_sketch(editor: gr.Sketchpad) -> gr.Sketchpad:
+    """Check every image of a sketch from its header (pixel count and bit depth) *before* Gradio decodes it.
+
+    An oversized drawing (e.g. an 11000 × 11000 PNG sent as the sketch) reaches the handler as
+    ``{"error": message}`` (reported by :func:`prepare_sketch`) without a pixel being allocated. Wraps the
+    instance's ``preprocess``, as :func:`tolerant_upload` does.
+    """
+    original = editor.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        if payload is None:
+            return original(payload)
+        try:
+            for source in _editor_sources(editor, payload):
+                check_image_header(source, name="the sketch")
+        except ImageLoadError as e:
+            return {"error": str(e)}
+        return original(payload)
+
+    editor.preprocess = preprocess  # type: ignore[method-assign]
+    return editor
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers (no Gradio state): query decoding, result formatting
 
@@ -221,6 +262,8 @@ def prepare_sketch(value: Any) -> Image.Image:
 
     Raises :class:`QueryInputError` when nothing was drawn (all white or transparent).
     """
+    if isinstance(value, dict) and isinstance(value.get("error"), str):  # refused by guarded_sketch
+        raise QueryInputError(value["error"])
     img = value.get("composite") if isinstance(value, dict) else value
     if img is None:
         raise QueryInputError("the canvas is empty: draw something in the Draw tab first")
@@ -425,8 +468,9 @@ class SearchService:
     Args:
         retriever: the loaded run.
         max_upload_mb: largest accepted upload.
-        servable_folders: folders whose files the server may send as they are (``allowed_paths``); an
-            indexed file elsewhere is previewed from its decoded pixels. None: every indexed file.
+        servable_folders: the files (or folders) the server may send as they are (``allowed_paths``: the
+            server gives exactly the indexed image files); an indexed file not among them is previewed from
+            its decoded pixels. None: every indexed file.
     """
 
     def __init__(
@@ -442,7 +486,12 @@ class SearchService:
         self.data_root = str(root) if root else None
         self.thumbnails = ThumbnailCache()
         self.files = ResultFiles()
-        self.servable_folders = None if servable_folders is None else [Path(f).resolve() for f in servable_folders]
+        self.servable_folders: list[Path] | None = None
+        self.servable_files: set[Path] = set()
+        if servable_folders is not None:
+            resolved = [Path(f).resolve() for f in servable_folders]
+            self.servable_folders = [p for p in resolved if p.is_dir()]
+            self.servable_files = {p for p in resolved if not p.is_dir()}
 
     # -- searching ------------------------------------------------------------------------------------
     def search(
@@ -454,7 +503,7 @@ class SearchService:
         response: SearchResponse = self.retriever.retrieve(query, target_domain=tgts, k=kk,
                                                            source_domain=src if src is not None else AUTO)
         results = response.results
-        gallery = [(self.thumbnails.get(r.path), caption(r)) for r in results]
+        gallery = [(self._thumbnail(r.path), caption(r)) for r in results]
         payload = {
             "ok": True,
             "query": query_name,
@@ -551,10 +600,18 @@ class SearchService:
         label = f"{UPLOADED} **{_md_escape(name)}**"
         return gr.skip(), f"Ready: {label} — press **Search**.", label
 
+    def _thumbnail(self, path: str) -> Image.Image:
+        """The thumbnail of an indexed image; a grey tile for one that must not be shown (a link out of the
+        data root) — its pixels never reach a client."""
+        if self.retriever.resolve_item_path(path) is None:
+            return _placeholder(self.thumbnails.size)
+        return self.thumbnails.get(path)
+
     def query_from_item(self, path: str, domain: str, label: str | None, kind: str) -> tuple[Any, ...]:
         """Values for ``[upload, source, targets, tabs, mode, query_name]`` that make an indexed image the query."""
+        stored = self.retriever.resolve_item_path(path)  # only indexed files that may be shown
         try:
-            img: Image.Image | None = load_image(path)
+            img: Image.Image | None = load_image(stored) if stored is not None else None
         except CDRetrievalError:
             img = None
         name = f"{kind} **{_md_escape(short_label(domain, label))}** (`{display_file(path, self.data_root)}`)"
@@ -587,10 +644,11 @@ class SearchService:
         return gr.Column(visible=True), image, text, download, row
 
     def _servable(self, path: Path) -> bool:
+        """Whether the server sends ``path`` as it is (it is one of its ``allowed_paths``)."""
         if self.servable_folders is None:
             return True
         p = path.resolve()
-        return any(p == f or f in p.parents for f in self.servable_folders)
+        return p in self.servable_files or any(p == f or f in p.parents for f in self.servable_folders)
 
     def more_like_this(self, row: dict[str, Any] | None) -> tuple[Any, ...]:
         """The selected result becomes the query (its domain as the source)."""
@@ -675,6 +733,7 @@ def build_app(
                             buttons=["fullscreen"],
                             elem_id="query-sketch",
                         )
+                        guarded_sketch(sketch)
                 source = gr.Dropdown(
                     choices=[AUTO, *domains], value=AUTO, label="Query domain", info=detect_info,
                     elem_id="source-domain",
@@ -774,6 +833,7 @@ __all__ = [
     "default_targets",
     "describe_source",
     "example_queries",
+    "guarded_sketch",
     "info_markdown",
     "load_upload",
     "page_info",

@@ -436,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build per-domain FAISS indexes in RUN_DIR/index, or --add images")
     p.add_argument("--run", required=True, help="run folder (from `cdretrieval pretrain`)")
     p.add_argument("--data", default=None, help="data root (required unless --add)")
-    p.add_argument("--domains", default=None, help="comma-separated domain names (default: all); one with --add")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domains to (re)index; the index's other domains are kept (default: every "
+                        "domain folder of --data, and an empty or unreadable one is an error); one with --add")
     p.add_argument("--split", default=None, help="read <domain>_<split>.txt lists")
     p.add_argument("--index-type", choices=("flat", "ivf", "hnsw", "ivfpq", "auto"), default="flat",
                    help="FAISS index type (default flat: exact)")
@@ -533,15 +535,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Handler = args.func
     try:
         return func(args)
-    except CDRetrievalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `cdretrieval search --json | head`: the reader has what it wanted
         _discard_stdout()
         return EXIT_BROKEN_PIPE
+    except EXPECTED_ERRORS as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return 2
+
+
+#: The one error boundary: what a command may fail with because of its input or its environment (bad
+#: values, files, permissions) becomes one ``error: ...`` line and exit status 2; anything else is a bug
+#: and keeps its traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (CDRetrievalError, ValueError, OSError)
+
+
+def error_message(e: BaseException) -> str:
+    """``e`` as one line: an OSError as "<what>: <path>", newlines folded, never empty."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename is not None else e.strerror
+        if e.filename2 is not None:
+            text += f" -> {e.filename2}"
+    else:
+        text = str(e)
+    text = " ".join(text.split())
+    return text or type(e).__name__
 
 
 def _discard_stdout() -> None:

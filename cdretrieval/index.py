@@ -4,8 +4,8 @@ One :class:`DomainIndex` holds the images of one visual domain; an :class:`Index
 ``DomainIndex`` sub-folder per domain. Vectors are L2-normalised float32 and compared by inner product,
 so every score is a cosine similarity in [-1, 1].
 
-Folder layout of a saved ``DomainIndex`` (each file written atomically, the manifest last, so a folder
-that has a ``manifest.json`` is complete)::
+Folder layout of a saved ``DomainIndex`` (written into a new folder beside the old one, the manifest last,
+then swapped in by renaming, so a crash at any moment leaves the old or the new folder whole)::
 
     index.faiss     faiss.serialize_index of the CPU index
     items.jsonl     one JSON object per vector, in id order: path, domain, label, width, height
@@ -46,7 +46,7 @@ import numpy as np
 
 from cdretrieval.domain_detection import DETECTOR_FILE, DomainDetector
 from cdretrieval.errors import DataError, IndexFileError, IndexMismatchError, QueryError
-from cdretrieval.io import atomic_write_bytes, atomic_write_json, read_json
+from cdretrieval.io import atomic_write_bytes, atomic_write_json, read_json, recover_dir, replace_dir
 from cdretrieval.rerank import RerankParams, augment_new_items, database_side_augmentation, knn_graph_method
 
 logger = logging.getLogger(__name__)
@@ -328,7 +328,17 @@ def _make_index(
 
 
 def _apply_search_params(index: faiss.Index, params: Mapping[str, Any]) -> None:
-    """Set nprobe / efSearch from the manifest (FAISS stores them too; the manifest is authoritative)."""
+    """Set nprobe / efSearch from the manifest (FAISS stores them too; the manifest is authoritative).
+
+    Raises:
+        ValueError: ``params`` is not a mapping or a value is not a positive integer. RuntimeError: FAISS
+            cannot set it on this index (e.g. nprobe on a flat index).
+    """
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a JSON object, got {params!r}")
+    for key in ("nprobe", "ef_search"):
+        if key in params:
+            _check_positive_int(params[key], key)
     space = faiss.ParameterSpace()
     if "nprobe" in params:
         space.set_index_parameter(index, "nprobe", int(params["nprobe"]))
@@ -604,14 +614,21 @@ class DomainIndex:
 
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Write the index folder (see module docstring); returns its path. Overwrites a previous save."""
+        """Write the index folder (see module docstring); returns its path. Replaces a previous save atomically.
+
+        The new folder is written completely beside the old one and then renamed into place
+        (:func:`cdretrieval.io.replace_dir`), so a crash at any moment leaves the old or the new index.
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        # Remove the old manifest first: while rewriting, the folder must not look complete.
-        (folder / MANIFEST_FILE).unlink(missing_ok=True)
+        replace_dir(folder, self.write_files)
+        return folder
+
+    def write_files(self, folder: Path) -> None:
+        """Write ``index.faiss``, ``items.jsonl`` and then ``manifest.json`` into the existing empty ``folder``."""
         index_bytes = faiss.serialize_index(self.index).tobytes()  # CPU index, never the GPU copy
         lines = (json.dumps(it.to_dict(), ensure_ascii=False) + "\n" for it in self.items)
         items_bytes = "".join(lines).encode("utf-8")
+        folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(folder / INDEX_FILE, index_bytes)
         atomic_write_bytes(folder / ITEMS_FILE, items_bytes)
         manifest = dict(self.manifest)
@@ -622,7 +639,6 @@ class DomainIndex:
         }
         atomic_write_json(folder / MANIFEST_FILE, manifest)  # last: marks the folder complete
         self.manifest = manifest
-        return folder
 
     @classmethod
     def load(
@@ -643,6 +659,7 @@ class DomainIndex:
         """
         folder = Path(folder)
         manifest_path = folder / MANIFEST_FILE
+        recover_dir(folder)  # a save killed between its two renames is undone, stale temporaries removed
         if not folder.is_dir():
             raise IndexFileError(
                 f"no index folder at {folder}; build one with `cdretrieval index --run RUN_DIR ...`"
@@ -707,7 +724,14 @@ class DomainIndex:
             rerank_from_manifest(manifest)
         except (ValueError, TypeError) as e:
             raise IndexFileError(f"{manifest_path}: bad 'rerank' entry ({e}); {_REBUILD_HINT}") from e
-        _apply_search_params(index, manifest.get("params", {}))
+        try:
+            _apply_search_params(index, manifest.get("params", {}))
+        except (RuntimeError, TypeError, ValueError, AttributeError) as e:  # FAISS: "could not set parameter"
+            raise IndexFileError(
+                f"{manifest_path}: search parameters {manifest.get('params')!r} do not fit its "
+                f"{manifest['index_type']!r} index ({str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
+                f"{_REBUILD_HINT}"
+            ) from e
         return cls(index, items, manifest, use_gpu=use_gpu)
 
 
@@ -862,35 +886,40 @@ class IndexSet:
         return len(self._indexes)
 
     def save(self, root: str | Path) -> Path:
-        """Save every domain into ``root/<safe name>/`` then ``root/indexset.json``; returns ``root``."""
+        """Save every domain into ``root/<safe name>/`` then ``root/indexset.json``; returns ``root``.
+
+        The whole set is written into a new folder beside ``root`` and swapped in by renaming
+        (:func:`cdretrieval.io.replace_dir`): a crash at any moment leaves the old or the new set, whole.
+        """
         root = Path(root)
         folders = {d: safe_domain_name(d) for d in self._indexes}
         lowered = [f.lower() for f in folders.values()]
         if len(set(lowered)) != len(lowered):  # case-insensitive file systems would merge them
             raise DataError(f"domain names {sorted(folders)} map to folders that differ only in case")
-        root.mkdir(parents=True, exist_ok=True)
-        (root / INDEX_SET_FILE).unlink(missing_ok=True)
+        _check_replaceable(root)
+        replace_dir(root, lambda tmp: self._write_files(tmp, folders))
+        return root
+
+    def _write_files(self, root: Path, folders: Mapping[str, str]) -> None:
+        """Write every domain folder, the detector and then ``indexset.json`` into the empty folder ``root``."""
         for d, idx in self._indexes.items():
-            idx.save(root / folders[d])
+            idx.write_files(root / folders[d])
         detector_entry: dict[str, Any] | None = None
         if self.detector is not None:
             blob = self.detector.to_json_bytes()
             atomic_write_bytes(root / DETECTOR_FILE, blob)
             detector_entry = {"file": DETECTOR_FILE, "bytes": len(blob), "sha256": _sha256(blob),
                               "feature": self.detector.feature}
-        else:
-            (root / DETECTOR_FILE).unlink(missing_ok=True)
         atomic_write_json(
             root / INDEX_SET_FILE,
             {
                 "format_version": FORMAT_VERSION,
                 "model_hash": self.model_hash,
                 "dim": self.dim,
-                "domains": folders,
+                "domains": dict(folders),
                 "domain_detector": detector_entry,
             },
         )
-        return root
 
     @classmethod
     def load(
@@ -905,6 +934,7 @@ class IndexSet:
         """Load a folder written by :meth:`save`; the same checks as :meth:`DomainIndex.load` per domain."""
         root = Path(root)
         path = root / INDEX_SET_FILE
+        recover_dir(root)  # a save killed between its two renames is undone, stale temporaries removed
         if not path.is_file():
             raise IndexFileError(f"no index set at {root} ({INDEX_SET_FILE} missing); {_REBUILD_HINT}")
         try:
@@ -937,6 +967,25 @@ class IndexSet:
         iset = cls(indexes)
         iset.set_detector(_load_detector(root, meta.get("domain_detector"), verify_checksums))
         return iset
+
+
+def _check_replaceable(root: Path) -> None:
+    """Refuse to replace an existing folder ``root`` that holds anything but an index set (or its debris)."""
+    if not root.is_dir():
+        return
+    index_files = {INDEX_FILE, ITEMS_FILE, MANIFEST_FILE}
+    for entry in root.iterdir():
+        name = entry.name
+        if name in (INDEX_SET_FILE, DETECTOR_FILE) or name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            inner = {p.name for p in entry.iterdir() if not p.name.startswith(".")}
+            if inner <= index_files:
+                continue
+        raise DataError(
+            f"{root} holds {name!r}, which is not part of an index set; refusing to replace that folder "
+            "(choose an empty or new --index-dir)"
+        )
 
 
 def load_detector(root: str | os.PathLike[str], verify_checksums: bool = True) -> DomainDetector | None:

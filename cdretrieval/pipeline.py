@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cdretrieval.config import RunConfig
+from cdretrieval.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, RunConfig
 from cdretrieval.data.datasets import warn_skipped
 from cdretrieval.data.digits import paired_domains, resolve_data_root
 from cdretrieval.data.folders import Sample, parse_domains, scan_domains
@@ -100,6 +99,18 @@ class LoadedModel:
         return dataclasses.replace(self, feature=feature)
 
 
+def check_image_size(size: Any, what: str) -> int:
+    """``size`` as an image side in pixels: a multiple of 32 in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE].
+
+    Raises:
+        DataError: anything else, naming ``what`` (e.g. the manifest it was read from).
+    """
+    ok = isinstance(size, int) and not isinstance(size, bool)
+    if not ok or size % 32 or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise DataError(f"{what} must be a multiple of 32 in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}")
+    return int(size)
+
+
 def _check_feature(feature: str) -> None:
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
@@ -146,6 +157,7 @@ def load_model(
         precision = "auto"
         # The baseline's head is random and unused: only the backbone decides its embeddings.
         full_hash = cache_hash = f"{name}:{state_dict_hash(encoder.backbone)}"
+    check_image_size(size, "image_size")
     _check_feature(feature)
     if feature == "head" and run is None:
         raise CheckpointError("feature 'head' needs a trained run folder (--run); the baseline has only 'backbone'")
@@ -443,23 +455,67 @@ def _provenance(model: LoadedModel, root: Path | None, split: str | None) -> dic
     }
 
 
-def _save_index_set(iset: IndexSet, root: Path) -> None:
-    """Save ``iset`` to ``root``, then delete the folders of domains a previous save had and this one lacks."""
-    old: dict[str, Any] = {}
-    meta_path = root / INDEX_SET_FILE
-    if meta_path.is_file():
-        try:
-            meta = read_json(meta_path)
-            old = meta.get("domains", {}) if isinstance(meta, dict) else {}
-        except (OSError, ValueError):
-            old = {}
-    iset.save(root)
-    keep = {safe_domain_name(d) for d in iset.domains}
-    for sub in old.values() if isinstance(old, dict) else []:
-        # Only plain child folders that look like a domain index are removed.
-        stale = isinstance(sub, str) and Path(sub).name == sub and sub not in keep
-        if stale and (root / sub / MANIFEST_FILE).is_file():
-            shutil.rmtree(root / sub, ignore_errors=True)
+def _previous_domains(root: Path) -> list[str]:
+    """The domains the index set saved in ``root`` lists (empty when there is none or it is unreadable)."""
+    try:
+        meta = read_json(root / INDEX_SET_FILE)
+    except (OSError, ValueError):
+        return []
+    folders = meta.get("domains") if isinstance(meta, dict) else None
+    return [str(d) for d in folders] if isinstance(folders, dict) else []
+
+
+def _check_no_domain_dropped(data_root: Path, scanned: Mapping[str, Any], previous: Sequence[str]) -> None:
+    """Refuse an all-domains build that would silently lose a domain.
+
+    Raises:
+        DataError: a sub-folder of ``data_root`` is empty or unreadable, or a domain of the current index
+            has no folder with images any more; the message names it.
+    """
+    for child in sorted(data_root.iterdir()):
+        if child.name.startswith(".") or child.name in scanned or not child.is_dir():
+            continue
+        why = "cannot be read (permission denied)" if not os.access(child, os.R_OK | os.X_OK) else "has no images"
+        raise DataError(
+            f"domain folder {child} {why}; fix it, or name the domains to index with --domains "
+            "(the other domains' indexes are then kept)"
+        )
+    lost = [d for d in previous if d not in scanned]
+    if lost:
+        raise DataError(
+            f"domain(s) {lost} are in the current index but have no images under {data_root}; fix the data, "
+            "or name the domains to index with --domains (the other domains' indexes are then kept)"
+        )
+
+
+def _merge_with_previous(iset: IndexSet, root: Path, use_gpu: UseGpu) -> IndexSet:
+    """``iset`` plus the domains of the index set saved in ``root`` that ``iset`` lacks (kept as they are).
+
+    The domain detector is the new one when it knows exactly the merged domains, else the old one when it
+    does, else none (with a warning). Old domains of another model cannot be kept: they are dropped with a
+    warning naming them.
+    """
+    previous = _previous_domains(root)
+    if not [d for d in previous if d not in iset]:
+        return iset
+    old = IndexSet.load(root, use_gpu=use_gpu)
+    features = {old[d].manifest.get("feature") for d in old} | {iset[d].manifest.get("feature") for d in iset}
+    if old.model_hash != iset.model_hash or old.dim != iset.dim or len(features) > 1:
+        logger.warning("the indexes of domain(s) %s in %s belong to another model or feature and are dropped; "
+                       "reindex them", [d for d in old if d not in iset], root)
+        return iset
+    merged = {d: iset[d] if d in iset else old[d] for d in old}  # the previous order, new domains last
+    merged.update({d: iset[d] for d in iset if d not in merged})
+    out = IndexSet(merged)
+    for candidate in (iset.detector, old.detector):
+        if candidate is not None and sorted(candidate.domains) == sorted(merged):
+            out.set_detector(candidate)
+            break
+    else:
+        if len(merged) >= 2 and (iset.detector is not None or old.detector is not None):
+            logger.warning("no domain detector fits the domains %s; 'auto' searches every domain until a "
+                           "full `cdretrieval index` rebuild", sorted(merged))
+    return out
 
 
 def build_indexes(
@@ -486,7 +542,11 @@ def build_indexes(
     """Embed ``domains`` with the run's encoder (resumably, see :func:`embed_domains`) and index each one.
 
     The :class:`~cdretrieval.index.IndexSet` is saved to ``index_dir`` (default ``RUN_DIR/index``),
-    replacing a previous one there; every domain manifest records the model hash (``model_hash(encoder)``)
+    replacing a previous one there atomically (a crash leaves the old or the new set). With ``domains``
+    None every domain folder of the data root is indexed, and an empty or unreadable domain folder, or a
+    domain of the previous index that has no images any more, is refused with ``DataError`` (the old index
+    stays); with ``domains`` named, only those domains' indexes are replaced and the previous index's other
+    domains are kept; every domain manifest records the model hash (``model_hash(encoder)``)
     and ``feature``, ``backbone``, ``image_size``, ``data_root``, ``split``, ``run_dir``.
 
     Args:
@@ -503,8 +563,12 @@ def build_indexes(
         index_options: passed to :meth:`DomainIndex.build` (``nlist``, ``nprobe``, ``hnsw_m``, ...).
         Others: as :func:`embed_domains`.
 
+    Returns:
+        The saved set (with ``domains`` named: including the kept domains).
+
     Raises:
-        CheckpointError: no usable run. DataError: bad data, or no index type fits the budget.
+        CheckpointError: no usable run. DataError: bad data, a domain would be dropped, or no index type fits
+        the budget.
     """
     _check_embed_args(batch_size, num_workers, chunk_size)
     _check_rerank(rerank)
@@ -513,6 +577,9 @@ def build_indexes(
     root, data = _scan(data_root, domains, split)
     model = load_model(run_dir, feature=feature, device=device)
     assert model.run_dir is not None
+    index_root = _index_root(model.run_dir, index_dir)
+    if parse_domains(domains) is None and split is None:
+        _check_no_domain_dropped(root, data, _previous_domains(index_root))
     embedded = _embed_all(model, data, model.run_dir / EMBEDDINGS_DIR, split, chunk_size=chunk_size,
                           batch_size=batch_size, num_workers=num_workers, progress=progress, resume=resume)
     unreadable = {d: e.skipped for d, e in embedded.items() if len(e) == 0}
@@ -547,7 +614,9 @@ def build_indexes(
                                              model_hash=model.model_hash))
         logger.info("domain detector (%s features): held-out accuracy %s", domain_detector,
                     iset.detector.holdout_accuracy if iset.detector is not None else None)
-    _save_index_set(iset, _index_root(model.run_dir, index_dir))
+    if parse_domains(domains) is not None:
+        iset = _merge_with_previous(iset, index_root, use_gpu)
+    iset.save(index_root)
     return iset
 
 
@@ -588,6 +657,19 @@ def _recorded_build(root: Path) -> tuple[str | None, str | None]:
         return None, None
 
 
+def _mismatched_hash(root: Path, expected: str) -> str | None:
+    """Best effort, for messages: a model hash recorded in ``root`` (index set, then each domain manifest)
+    that differs from ``expected`` — the one that made loading fail; None when none is readable."""
+    try:
+        meta = read_json(root / INDEX_SET_FILE)
+        recorded = [meta.get("model_hash")]
+        for sub in meta["domains"].values():
+            recorded.append(read_json(root / sub / MANIFEST_FILE).get("model_hash"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return next((str(h) for h in recorded if isinstance(h, str) and h != expected), None)
+
+
 def load_run_index(
     run_dir: str | os.PathLike[str],
     *,
@@ -613,6 +695,7 @@ def load_run_index(
     try:
         iset = IndexSet.load(root, expected_model_hash=model.model_hash, use_gpu=use_gpu)
     except IndexMismatchError as e:
+        recorded_hash = _mismatched_hash(root, model.model_hash) or recorded_hash
         raise IndexMismatchError(
             f"the index in {root} was built with another model (hash {str(recorded_hash)[:12]}…) than the "
             f"run's checkpoint (hash {model.model_hash[:12]}…): the run was retrained or changed since; {rebuild}"
@@ -628,8 +711,13 @@ def load_run_index(
             f"the index in {root} holds {iset.dim}-d vectors but the run's {feature!r} feature is "
             f"{model.dim}-d; {rebuild}"
         )
-    size = first.get("image_size")
-    if isinstance(size, int) and size != model.image_size:
+    size = first.get("image_size", model.image_size)
+    for d in iset:
+        recorded = iset[d].manifest.get("image_size", size)
+        check_image_size(recorded, f"the image_size recorded in {root / safe_domain_name(d) / MANIFEST_FILE}")
+        if recorded != size:
+            raise IndexMismatchError(f"the domains in {root} were indexed at different image sizes; {rebuild}")
+    if size != model.image_size:
         model = dataclasses.replace(model, image_size=size)  # queries must be resized as the gallery was
     return model, iset
 

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cdretrieval.data.folders import escapes_root
 from cdretrieval.data.images import as_rgb_image, load_image, load_image_bytes
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.device import autocast
@@ -264,6 +265,12 @@ class Retriever:
         self._paths = {
             os.path.normpath(os.path.abspath(it.path)): it.path for d in indexes for it in indexes[d].items
         }
+        # Per stored path, the data root its domain was indexed from (links must not lead out of it).
+        self._roots: dict[str, str | None] = {}
+        for d in indexes:
+            root = indexes[d].manifest.get("data_root")
+            for it in indexes[d].items:
+                self._roots[it.path] = root if isinstance(root, str) and root else None
 
     @classmethod
     def from_run(
@@ -673,7 +680,8 @@ class Retriever:
         return [items[int(i)] for i in picks]
 
     def resolve_item_path(self, path: Any) -> Path | None:
-        """``path`` as the stored path of an indexed item, or None when it is not one (serve nothing else)."""
+        """``path`` as the stored path of an indexed item, or None when it is not one (serve nothing else),
+        or when it is a link that leads out of the data root its domain was indexed from."""
         if not isinstance(path, (str, os.PathLike)):
             return None
         try:
@@ -681,7 +689,12 @@ class Retriever:
         except (TypeError, ValueError):
             return None
         hit = self._paths.get(key)
-        return Path(hit) if hit is not None else None
+        if hit is None:
+            return None
+        root = self._roots.get(hit)
+        if escapes_root(hit, root if root is not None else os.path.dirname(os.path.abspath(hit))):
+            return None  # a link out of the data root (indexed before such links were skipped): never shown
+        return Path(hit)
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{d}={len(self.indexes[d])}" for d in self.indexes)

@@ -54,9 +54,25 @@ def save_checkpoint(run_dir: str | os.PathLike[str], state: dict[str, Any], cfg:
     return path
 
 
+def _load_error_summary(e: BaseException) -> str:
+    """What went wrong in ``torch.load``, in one line, without PyTorch's advice to retry with
+    ``weights_only=False`` (that would run whatever code the file holds: never)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error:"):
+            return "refused by the safe loader: " + ln.removeprefix("WeightsUnpickler error:").strip()
+    kept = [ln for ln in lines if "weights_only" not in ln and "arbitrary code" not in ln.lower()]
+    if len(kept) < len(lines):
+        return "refused by the safe loader" + (f": {kept[0]}" if kept and "Weights only load failed" not in kept[0]
+                                                 else "")
+    return kept[0] if kept else type(e).__name__
+
+
 def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a run's checkpoint; :class:`CheckpointError` says what is wrong and what to do."""
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise CheckpointError(f"{run} is a file, not a run folder; pass the folder `cdretrieval pretrain --out` made")
     if not run.is_dir():
         raise CheckpointError(f"run folder {run} does not exist; create it with `cdretrieval pretrain --out {run}`")
     path = run / CHECKPOINT_FILE
@@ -65,7 +81,8 @@ def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str | torch.d
     try:
         ckpt = torch_load(path, map_location=map_location)
     except Exception as e:  # corrupt zip, unpickling refused, ...
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_load_error_summary(e)}); "
+                              "retrain it or restore it from a backup") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a cdretrieval checkpoint")
     fmt = ckpt.get("format")

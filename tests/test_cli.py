@@ -39,6 +39,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_index_then_search_json(run: Path, demo_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.rmtree(run / "index")  # a fresh index of two domains (--domains keeps an existing index's others)
     assert main(["index", "--run", str(run), "--data", str(demo_root), "--domains", "ink,photo", *FAST]) == 0
     built = json.loads(capsys.readouterr().out)
     assert built["dim"] == 32 and built["domains"] == {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -150,12 +151,44 @@ def test_build_indexes_records_provenance(indexed_run: Path, demo_root: Path) ->
 def test_rebuild_with_fewer_domains_and_other_type(indexed_run: Path, demo_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(indexed_run, run)
+    before = IndexSet.load(run / INDEX_DIR)
     iset = build_indexes(run, demo_root, "ink,photo", index_type="hnsw", **FAST)  # embeddings come from disk
-    assert iset.domains == ["ink", "photo"] and iset["ink"].index_type == "hnsw"
-    assert not (run / INDEX_DIR / "outline").exists()
-    assert IndexSet.load(run / INDEX_DIR).domains == ["ink", "photo"]
+    # only the named domains are replaced: outline's index is kept as it was (and the detector, which knows it)
+    assert iset.domains == ["ink", "outline", "photo"] and iset["ink"].index_type == "hnsw"
+    loaded = IndexSet.load(run / INDEX_DIR)
+    assert loaded.domains == ["ink", "outline", "photo"] and loaded["photo"].index_type == "hnsw"
+    assert loaded["outline"].index_type == "flat" and loaded["outline"].items == before["outline"].items
+    assert (loaded.detector is None) == (before.detector is None)
     with pytest.raises(DataError, match="memory_budget_mb"):
         build_indexes(run, demo_root, "ink", index_type="auto", memory_budget_mb=1e-6, **FAST)
+
+
+def test_index_refuses_to_drop_an_empty_or_unreadable_domain(
+    indexed_run: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(indexed_run, run)
+    shutil.copytree(demo_root, data)
+    encoder, _ = load_encoder(run)
+    before = IndexSet.load(run / INDEX_DIR)
+    shutil.rmtree(data / "outline")
+    (data / "outline").mkdir()  # empty: list_domains would skip it silently
+    with pytest.raises(DataError, match=r"outline.*has no images.*--domains"):
+        build_indexes(run, data, **FAST)
+    (data / "outline").rmdir()  # gone: the index still has it
+    with pytest.raises(DataError, match=r"\['outline'\] are in the current index"):
+        build_indexes(run, data, **FAST)
+    (data / "outline").mkdir()
+    (data / "outline" / "a.png").write_bytes(b"x")
+    (data / "outline").chmod(0)
+    try:
+        if not os.access(data / "outline", os.R_OK):  # root reads everything
+            with pytest.raises(DataError, match=r"outline.*cannot be read"):
+                build_indexes(run, data, **FAST)
+    finally:
+        (data / "outline").chmod(0o755)
+    after = IndexSet.load(run / INDEX_DIR, expected_model_hash=model_hash(encoder))
+    assert after.domains == before.domains and after["outline"].items == before["outline"].items
 
 
 def test_add_to_index_then_search(indexed_run: Path, demo_root: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,49 @@ def _has_images(folder: Path) -> bool:
         if any(is_image_file(f) for f in files):
             return True
     return False
+
+
+def escapes_root(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """True when ``path`` (listed under ``root``) resolves, through a link, to a place outside ``root``.
+
+    A domain folder that is itself a link (``root/photo → /data/photos``: a deliberate choice of the whole
+    domain, as the quality benchmark's views make) is followed: the files must then stay inside that
+    folder's real location. What is refused is a link *within* a domain that leads elsewhere. A path not
+    listed under ``root`` at all is judged by whether it is a link to elsewhere than its own folder's real
+    location.
+    """
+    listed = os.path.abspath(path)
+    abs_root = os.path.abspath(root)
+    if os.path.commonpath([abs_root, listed]) != abs_root:
+        bases = [os.path.dirname(listed)]
+    else:
+        parts = os.path.relpath(listed, abs_root).split(os.sep)
+        bases = [abs_root] + ([os.path.join(abs_root, parts[0])] if len(parts) > 1 else [])
+    real = os.path.realpath(path)
+    for base in bases:
+        real_base = os.path.realpath(base)
+        if os.path.commonpath([real_base, real]) == real_base:
+            return False
+    return True
+
+
+def _drop_escaping_links(samples: list[Sample], root: Path, domain: str) -> list[Sample]:
+    """``samples`` without the links that lead out of the data ``root``; a warning names those skipped."""
+    kept = [s for s in samples if not escapes_root(s.path, root)]
+    if len(kept) < len(samples):
+        dropped = [s.path for s in samples if escapes_root(s.path, root)]
+        warnings.warn(
+            f"domain {domain}: skipped {len(dropped)} link(s) pointing outside the data root {root} "
+            f"(e.g. {dropped[0]}); copy the file(s) into the data root to index them",
+            UserWarning,
+            stacklevel=3,
+        )
+    return kept
+
+
+def _walk_error(error: OSError) -> None:
+    """os.walk's ``onerror``: an unreadable folder (e.g. chmod 000) is skipped with a warning, not silently."""
+    warnings.warn(f"skipped unreadable folder {error.filename}: {error.strerror}", UserWarning, stacklevel=2)
 
 
 def _check_root(root: str | os.PathLike[str]) -> Path:
@@ -127,11 +171,12 @@ def scan_domain(root: str | os.PathLike[str], domain: str, split: str | None = N
         samples = _read_split_file(r, folder, folder.name, split_file)
     else:
         samples = []
-        for dirpath, dirs, files in os.walk(folder):
+        for dirpath, dirs, files in os.walk(folder, onerror=_walk_error):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             here = Path(dirpath)
             label = None if here == folder else here.relative_to(folder).parts[0]
             samples.extend(Sample(str(here / f), folder.name, label) for f in sorted(files) if is_image_file(f))
+    samples = _drop_escaping_links(samples, r, folder.name)
     if not samples:
         raise DataError(f"domain {domain!r} ({folder}) has no images" + (f" in split {split!r}" if split else ""))
     samples.sort(key=lambda s: s.path)

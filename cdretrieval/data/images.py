@@ -16,6 +16,12 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 #: Largest image accepted, in pixels (width × height): ~ 8k × 8k. Bigger is treated as a decompression bomb.
 MAX_IMAGE_PIXELS = 64_000_000
 
+#: Largest high-bit-depth image (16/32-bit greyscale or float: modes I;16*, I, F), in pixels (~ 4k × 4k).
+#: Decoding and rescaling such an image to 8 bits needs several bytes per pixel on top of the raw data (a
+#: 16-bit 8000 × 8000 PNG of 124 kB took 1.3 GB), so its limit is a quarter of :data:`MAX_IMAGE_PIXELS`.
+MAX_HIGH_DEPTH_PIXELS = 16_000_000
+HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F", "I;16S", "I;32", "I;32B", "I;32S"})
+
 #: Largest accepted ratio of the longer to the shorter side. The eval transform resizes the *shorter* side to
 #: the model's input size, so a 1 × 1,000,000 px strip (a 1 kB PNG) would become a 64 × 64,000,000 px image
 #: (16 GB of memory, a minute of CPU) before its centre is cropped; such strips are refused instead.
@@ -51,12 +57,17 @@ def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32 if mode.startswith("I;16") else np.float64)  # one working copy
         if not np.isfinite(arr).all():
             raise ImageLoadError(f"{name}: image has NaN or infinite pixel values")
         lo, hi = float(np.min(arr)), float(np.max(arr))
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+        if hi <= lo:
+            arr[...] = 0
+        else:  # in place: (arr - lo) / (hi - lo) * 255
+            np.subtract(arr, lo, out=arr)
+            np.multiply(arr, 255.0 / (hi - lo), out=arr)
+        np.rint(arr, out=arr)
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
 
 
@@ -74,6 +85,38 @@ def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
             f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
             "(possible decompression bomb); resize it first"
         )
+    high_depth_limit = min(max_pixels, MAX_HIGH_DEPTH_PIXELS)
+    if img.mode in HIGH_DEPTH_MODES and w * h > high_depth_limit:
+        raise ImageLoadError(
+            f"{name}: {img.mode} (high bit depth) image is {w}x{h} = {w * h:,} pixels, over the limit of "
+            f"{high_depth_limit:,} for 16/32-bit images (decoding it would need too much memory); convert it "
+            "to 8 bits or resize it first"
+        )
+
+
+def check_image_header(source: str | os.PathLike[str] | bytes, name: str = "<image>",
+                       max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Check an image file's (or bytes') size and bit depth from its header only, before any pixel is decoded.
+
+    Returns:
+        ``(width, height)``.
+
+    Raises:
+        ImageLoadError: not an image, or too many pixels for its bit depth (see :func:`load_image`).
+    """
+    fp: io.BytesIO | Path = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+    try:
+        with Image.open(fp) as img:  # lazy: reads the header, allocates no pixels
+            _check_size(img, name, max_pixels)
+            return img.size
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{name}: refused as a possible decompression bomb ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"{name}: not a readable image file (unknown or corrupt format)") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(f"{name}: cannot read the image header ({e})") from e
 
 
 def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:

@@ -196,11 +196,15 @@ def test_launch_options_are_safe(app_run: Path, served: Served) -> None:
     assert opts["server_name"] == "127.0.0.1" and opts["share"] is False and opts["auth"] is None
     assert opts["max_file_size"] == "10mb" and opts["show_error"] is False
     data = served.data_root.resolve()
-    assert sorted(opts["allowed_paths"]) == sorted(str(data / d) for d in ("ink", "outline", "photo"))
+    indexed = sorted(str(Path(it.path).resolve()) for d in retriever.domains for it in retriever.indexes[d].items)
+    assert opts["allowed_paths"] == indexed  # exactly the indexed image files, never a folder
+    assert all(str(data / d) not in opts["allowed_paths"] for d in ("ink", "outline", "photo"))
     assert str(app_run.resolve()) in opts["blocked_paths"]
     assert served.url.startswith("http://127.0.0.1:")
-    # a domain folder that contains the run folder is never opened up (thumbnails still work)
+    # nothing inside a protected folder (the run folder) is served (thumbnails still work)
     assert indexed_folders(retriever, protected=[data / "ink" / "3"]) == [str(data / "outline"), str(data / "photo")]
+    protected = launch_options(retriever, app_run, extra_blocked=[data / "ink" / "3"])["allowed_paths"]
+    assert protected and not any(p.startswith(str(data / "ink" / "3")) for p in protected)
 
 
 def test_info_panel_and_page(served: Served) -> None:

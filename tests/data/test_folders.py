@@ -83,3 +83,25 @@ def test_real_pacs_layout(pacs_root: Path) -> None:
     assert set(data) == {"photo", "art_painting", "cartoon", "sketch"}
     assert len(data["photo"]) == 1499 and len(data["sketch"]) == 3531
     assert {s.label for s in data["photo"]} == {"dog", "elephant", "giraffe", "guitar", "horse", "house", "person"}
+
+
+def test_links_out_of_a_domain_are_skipped_but_a_linked_domain_folder_is_followed(tmp_path: Path) -> None:
+    """A link inside a domain that leads out of the data is skipped with a warning; a domain folder that is
+    itself a link (a whole domain kept elsewhere, as the quality benchmark's views do) is scanned."""
+
+    elsewhere = tmp_path / "elsewhere" / "photos" / "dog"
+    elsewhere.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(elsewhere / "a.png")
+    private = tmp_path / "private"
+    private.mkdir()
+    Image.new("RGB", (8, 8)).save(private / "secret.png")
+    root = tmp_path / "root"
+    (root / "sketch" / "dog").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "sketch" / "dog" / "b.png")
+    (root / "sketch" / "dog" / "link.png").symlink_to(private / "secret.png")
+    (root / "photo").symlink_to(tmp_path / "elsewhere" / "photos", target_is_directory=True)
+    with pytest.warns(UserWarning, match="outside the data root"):
+        sketch = scan_domain(root, "sketch")
+    assert [Path(s.path).name for s in sketch] == ["b.png"]
+    photo = scan_domain(root, "photo")
+    assert [Path(s.path).name for s in photo] == ["a.png"] and photo[0].label == "dog"

@@ -292,6 +292,10 @@ def odd_root(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+BAD_MANIFEST_SIZES = (0, -1, 1, 33, 4096)
+CONFIGS = {"cfg_epochs": "train:\n  epochs: abc\n", "cfg_unknown": "bogus: 1\n", "cfg_bs": "train:\n  batch_size: -4\n",
+           "cfg_list": "- 1\n- 2\n", "cfg_temp": "losses:\n  temperature: 0\n"}
+
 CLI_CASES: list[tuple[str, list[str], str]] = [
     ("search-unknown-source", ["search", "--run", "{run}", "--query", "{query}", "--source", "sketch"],
      r"unknown source domain 'sketch'.*\['ink', 'outline', 'photo'\]"),
@@ -318,6 +322,26 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
      r"domain 'sketch' not found"),
     ("evaluate-empty-domain", ["evaluate", "--data", "{odd_root}", "--domains", "ink,empty", "--run", "{run}"],
      r"domain 'empty' .* has no images"),
+    # Plain ValueError / OSError / FAISS RuntimeError from deeper down: the same one line, never a traceback.
+    ("pretrain-image-size-50", ["pretrain", "--data", "{odd_root}", "--out", "{tmp}/p1", "--image-size", "50"],
+     r"image_size must be a multiple of 32 in \[32, 1024\], got 50"),
+    ("config-epochs-abc", ["pretrain", "--data", "{odd_root}", "--out", "{tmp}/p2", "--config", "{cfg_epochs}"],
+     r"train\.epochs: expected int, got 'abc'"),
+    ("config-unknown-key", ["pretrain", "--data", "{odd_root}", "--out", "{tmp}/p3", "--config", "{cfg_unknown}"],
+     r"unknown key\(s\) bogus"),
+    ("config-batch-size-negative", ["pretrain", "--data", "{odd_root}", "--out", "{tmp}/p4", "--config", "{cfg_bs}"],
+     r"batch_size"),
+    ("config-top-level-list", ["pretrain", "--data", "{odd_root}", "--out", "{tmp}/p5", "--config", "{cfg_list}"],
+     r"mapping at the top level"),
+    ("config-temperature-0", ["pretrain", "--data", "{odd_root}", "--out", "{tmp}/p6", "--config", "{cfg_temp}"],
+     r"temperature must be > 0"),
+    ("pretrain-out-is-a-file", ["pretrain", "--data", "{odd_root}", "--out", "{a_file}", "--epochs", "1"],
+     r"File exists|is a file|not a folder"),
+    ("search-manifest-nprobe-on-flat", ["search", "--run", "{nprobe_run}", "--query", "{query}"],
+     r"search parameters .*nprobe.* do not fit its 'flat' index.*cdretrieval index"),
+    *[(f"search-manifest-image-size-{size}", ["search", "--run", f"{{size_run_{i}}}", "--query", "{query}"],
+       rf"image_size recorded in .*manifest\.json must be a multiple of 32 in \[32, 1024\], got {size}")
+      for i, size in enumerate(BAD_MANIFEST_SIZES)],
 ]
 
 
@@ -329,13 +353,31 @@ def cli_runs(indexed_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPa
     base = tmp_path_factory.mktemp("cli-runs")
     small = base / "small"
     shutil.copytree(indexed_run, small)  # its embedding chunks make re-indexing two domains cheap
+    shutil.rmtree(small / "index")  # else --domains would keep the outline index
     build_indexes(small, demo_root, ["ink", "photo"], num_workers=0, progress=False, device="cpu")
     lost = base / "lost"
     shutil.copytree(indexed_run, lost)
     shutil.rmtree(lost / "index" / "ink")
     empty = base / "empty-root"
     (empty / "nothing").mkdir(parents=True)
-    return {"small_run": small, "lost_run": lost, "empty_root": empty}
+    out: dict[str, Path] = {"small_run": small, "lost_run": lost, "empty_root": empty, "tmp": base}
+    for name, text in CONFIGS.items():
+        out[name] = base / f"{name}.yaml"
+        out[name].write_text(text)
+    out["a_file"] = base / "a-file"
+    out["a_file"].write_text("not a folder")
+
+    def edited_run(name: str, **manifest: Any) -> Path:
+        run = base / name
+        shutil.copytree(indexed_run, run, ignore=shutil.ignore_patterns("embeddings"))
+        path = run / "index" / "photo" / "manifest.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **manifest}))
+        return run
+
+    out["nprobe_run"] = edited_run("nprobe", params={"nprobe": 4})
+    for i, size in enumerate(BAD_MANIFEST_SIZES):
+        out[f"size_run_{i}"] = edited_run(f"size-{i}", image_size=size)
+    return out
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
@@ -347,10 +389,46 @@ def test_bad_cli_arguments(
     query = next((demo_root / "ink").rglob("*.png"))
     names = {**cli_runs, "run": indexed_run, "tiny_run": tiny_run, "odd_root": odd_root, "query": query}
     args = [a.format(**{k: str(v) for k, v in names.items()}) for a in argv]
-    extra = FAST if args[0] in ("index", "evaluate") else CPU
+    extra = {"index": FAST, "evaluate": FAST, "pretrain": ["--device", "cpu", "--no-progress"]}.get(args[0], CPU)
     code, out, err = _cli([*args, *extra], capsys)
     assert code == 2 and out == ""
     _assert_one_error_line(err, pattern)
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(13, "Permission denied", "/runs/r/checkpoint.pt"),
+    IsADirectoryError(21, "Is a directory", "/runs/r/checkpoint.pt"),
+    ValueError("a plain ValueError\nover two lines"),
+])
+def test_cli_error_boundary_turns_plain_errors_into_one_line(
+    error: Exception, indexed_run: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unreadable run folder (PermissionError, unforgeable as root) or any plain ValueError: one line, exit 2."""
+    import cdretrieval.pipeline
+
+    def fail(*_args: Any, **_kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(cdretrieval.pipeline, "load_encoder", fail)
+    query = next((demo_root / "ink").rglob("*.png"))
+    code, out, err = _cli(["search", "--run", str(indexed_run), "--query", str(query), *CPU], capsys)
+    assert code == 2 and out == ""
+    _assert_one_error_line(err, r"Permission denied: /runs/r|Is a directory|plain ValueError over two lines")
+
+
+def test_serve_start_up_reports_a_bad_manifest_in_one_line(
+    cli_runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serve`` start-up goes through the same boundary: a manifest FAISS refuses is one ``error:`` line."""
+    from conftest import free_port
+
+    from app.cli import main as serve_main
+
+    code = serve_main(["--run", str(cli_runs["nprobe_run"]), "--port", str(free_port()), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    _assert_one_error_line(err, r"search parameters .*nprobe.* do not fit")
 
 
 def test_cli_k_beyond_gallery_returns_everything(indexed_run: Path, demo_root: Path,
@@ -487,3 +565,68 @@ def test_decoding_leaves_the_global_warning_filters_alone(monkeypatch: pytest.Mo
         for t in threads:
             t.join()
         assert warnings.filters is filters and warnings.filters == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Minor messages
+
+
+def test_edited_model_hash_error_quotes_both_hashes(
+    indexed_run: Path, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cdretrieval.run import load_encoder, model_hash
+
+    run = tmp_path / "run"
+    shutil.copytree(indexed_run, run, ignore=shutil.ignore_patterns("embeddings"))
+    manifest = run / "index" / "photo" / "manifest.json"
+    edited = "f" * 64
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "model_hash": edited}))
+    real = model_hash(load_encoder(run)[0])
+    query = next((demo_root / "ink").rglob("*.png"))
+    code, out, err = _cli(["search", "--run", str(run), "--query", str(query), *CPU], capsys)
+    assert code == 2 and out == ""
+    _assert_one_error_line(err, rf"hash {edited[:12]}….*hash {real[:12]}…")
+
+
+def test_run_that_is_a_file_is_called_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "run.txt"
+    file.write_text("not a run")
+    code, out, err = _cli(["search", "--run", str(file), "--query", str(file), *CPU], capsys)
+    assert code == 2 and out == ""
+    _assert_one_error_line(err, r"run\.txt is a file, not a run folder")
+    assert "does not exist" not in err
+
+
+def test_unreadable_class_folder_is_skipped_with_a_warning(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chmod-000 class folder: its images are skipped, and a warning names the folder (never silently)."""
+    import os
+
+    import cdretrieval.data.folders as folders
+    from cdretrieval.data.folders import scan_domain
+
+    root = tmp_path / "data"
+    for label in ("1", "2"):
+        shutil.copytree(demo_root / "ink" / label, root / "ink" / label)
+    locked = root / "ink" / "2"
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):  # root reads anything: make os.walk meet the error chmod 000 gives
+            real_walk = os.walk
+
+            def walk(top: Any, onerror: Any = None, **kw: Any) -> Any:
+                for dirpath, dirs, files in real_walk(top, onerror=onerror, **kw):
+                    if Path(dirpath) == locked:
+                        if onerror is not None:
+                            onerror(PermissionError(13, "Permission denied", str(locked)))
+                        continue
+                    yield dirpath, dirs, files
+
+            monkeypatch.setattr(folders.os, "walk", walk)
+        with pytest.warns(UserWarning, match=r"skipped unreadable folder .*ink/2: Permission denied"):
+            samples = scan_domain(root, "ink")
+    finally:
+        locked.chmod(0o755)
+    assert samples and {s.label for s in samples} == {"1"}
+

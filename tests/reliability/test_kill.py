@@ -279,11 +279,16 @@ def test_kill_indexing_then_rebuild_matches(indexed_run: Path, demo_root: Path, 
     def fresh_photo_embeddings() -> None:  # photo is re-embedded (~2 s): the run lasts long enough to interrupt
         shutil.rmtree(run / "embeddings" / "photo", ignore_errors=True)
 
-    # 1. as soon as the save starts (indexset.json is removed first) or a manifest is being rewritten
+    # 1. as soon as the save starts (the new index folder is being written beside the old one) or a
+    #    manifest is being written, and at the swap (the old folder moved aside, the new not yet in place)
     fresh_photo_embeddings()
     killed = _kill_when(_spawn(args, log), lambda: not (run / "index" / INDEX_SET_FILE).exists()
-                        or any((run / "index").glob(f"*/.{MANIFEST_FILE}.*.tmp")))
+                        or any(run.glob(".index.tmp-*")) or any(run.glob(f".index.tmp-*/*/.{MANIFEST_FILE}.*.tmp")))
     outcomes.append(("save started", killed, _check_index(run, expected_hash, "save started")))
+    fresh_photo_embeddings()
+    killed = _kill_when(_spawn(args, log), lambda: any(run.glob(f".index.tmp-*/{INDEX_SET_FILE}"))
+                        or any(run.glob(".index.old-*")))
+    outcomes.append(("manifest replaced", killed, _check_index(run, expected_hash, "manifest replaced")))
     # 2. right after the first domain's manifest is written again
     fresh_photo_embeddings()
     marks = {p: p.stat().st_mtime_ns for p in (run / "index").glob(f"*/{MANIFEST_FILE}")}
@@ -308,8 +313,8 @@ def test_kill_indexing_then_rebuild_matches(indexed_run: Path, demo_root: Path, 
         outcomes.append((why, killed, _check_index(run, expected_hash, why)))
     for why, killed, iset in outcomes:
         print(f"index {why}: killed={killed}, index afterwards: {'loads' if iset else 'refused (IndexFileError)'}")
-        if iset is not None:  # whatever loaded after a kill is a whole, correct index (old or new)
-            _same_index(iset, want, why)
+        assert iset is not None, f"{why}: the old index was lost (saves must swap in a complete new folder)"
+        _same_index(iset, want, why)  # whatever loaded after a kill is a whole, correct index (old or new)
     # 4. rebuild to the end
     _finish(_spawn(args, log), log)
     final = _check_index(run, expected_hash, "final")

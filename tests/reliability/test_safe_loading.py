@@ -84,9 +84,12 @@ def test_pickled_code_in_a_checkpoint_never_runs(run: Path, tmp_path: Path) -> N
     ckpt = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     ckpt["extra"] = _Exploit(str(marker))
     torch.save(ckpt, run / CHECKPOINT_FILE)
-    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+    with pytest.raises(CheckpointError, match="unreadable checkpoint") as e:
         load_checkpoint(run)
     assert not marker.exists()
+    # PyTorch's own message suggests retrying with weights_only=False (which would run the code): not passed on
+    assert "weights_only" not in str(e.value) and "arbitrary code" not in str(e.value).lower(), str(e.value)
+    assert "refused by the safe loader" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_truncated_or_garbage_checkpoint_is_refused(run: Path, capsys: pytest.CaptureFixture[str]) -> None:

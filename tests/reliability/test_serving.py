@@ -1,9 +1,10 @@
-"""Serving gaps not in tests/app/test_ui.py: symlinks in a data folder must not open files outside it.
+"""Serving gaps not in tests/app/test_ui.py: the server serves exactly the indexed image files.
 
 Layout (the run folder lives elsewhere)::
 
     tmp/data/photo/3/*.png             indexed images
-    tmp/data/photo/3/link.png  ──────► tmp/private/secret.png   (an image: it gets indexed through the link)
+    tmp/data/photo/3/notes.txt         not an image: never served
+    tmp/data/photo/3/link.png  ──────► tmp/private/secret.png   (an image outside the data root: not indexed)
     tmp/data/ink/3/*.png
     tmp/data/ink/3/ckpt.png    ──────► RUN/checkpoint.pt        (not an image: skipped when indexing)
     tmp/data/ink/3/up.png      ──────► tmp/private               (a folder)
@@ -47,10 +48,14 @@ def site(tiny_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFacto
     run = tmp_path_factory.mktemp("serve-run") / "run"
     shutil.copytree(tiny_run, run)
     (data / "photo" / "3" / "link.png").symlink_to(private / "secret.png")
+    (data / "photo" / "3" / "notes.txt").write_text("NOTES-NOT-AN-IMAGE")
     (data / "ink" / "3" / "ckpt.png").symlink_to(run / "checkpoint.pt")
     (data / "ink" / "3" / "up.png").symlink_to(private, target_is_directory=True)
-    with pytest.warns(UserWarning, match="ckpt.png"):  # the checkpoint behind the link is not an image
+    with pytest.warns(UserWarning) as caught:
         build_indexes(run, data, num_workers=0, progress=False, device="cpu")
+    messages = [str(w.message) for w in caught]
+    assert any("ckpt.png" in m for m in messages), messages  # the checkpoint behind the link is not an image
+    assert any("link(s) pointing outside the data root" in m and "link.png" in m for m in messages), messages
     demo = launch_app(run, port=free_port(), prevent_thread_lock=True, device="cpu", examples_per_domain=0)
     url = str(demo.local_url)
     try:
@@ -59,20 +64,23 @@ def site(tiny_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFacto
         demo.close()
 
 
-def test_served_folders_are_the_data_folders_not_where_links_point(site: Site) -> None:
-    from app.server import indexed_folders
+def test_served_files_are_exactly_the_indexed_images(site: Site) -> None:
+    from app.server import launch_options
     from cdretrieval.retrieval import Retriever
 
     retriever = Retriever.from_run(site.run, device="cpu")
-    assert any(it.path.endswith("link.png") for it in retriever.indexes["photo"].items)  # indexed via the link
-    folders = indexed_folders(retriever)
-    assert sorted(folders) == sorted(str(site.data.resolve() / d / "3") for d in ("ink", "photo")), folders
+    assert not any(it.path.endswith("link.png") for it in retriever.indexes["photo"].items)  # skipped at scan time
+    indexed = sorted(str(Path(it.path).resolve()) for d in retriever.domains for it in retriever.indexes[d].items)
+    allowed = launch_options(retriever, site.run)["allowed_paths"]
+    assert allowed == indexed and all(Path(p).is_file() for p in allowed)  # files, never a folder
 
 
 def test_symlinks_out_of_a_data_folder_are_not_served(site: Site) -> None:
     ok = next((site.data / "photo" / "3").glob("photo_*.png"))
     refused = [
-        site.data / "photo" / "3" / "link.png",  # an indexed image whose file is outside the data folder
+        site.data / "photo" / "3" / "link.png",  # a linked image whose file is outside the data root
+        site.data / "photo" / "3" / "notes.txt",  # beside the indexed images, but not one of them
+        site.data / "photo" / "3",  # a folder
         site.private / "secret.png",
         site.private / "secret.txt",
         site.data / "ink" / "3" / "ckpt.png",  # → the run's checkpoint
@@ -90,12 +98,67 @@ def test_symlinks_out_of_a_data_folder_are_not_served(site: Site) -> None:
             assert r.content != (site.private / "secret.png").read_bytes()
 
 
-def test_search_still_shows_linked_images_as_thumbnails(site: Site) -> None:
+def test_search_never_shows_images_behind_links_out_of_the_data_root(site: Site) -> None:
     from gradio_client import Client, handle_file
 
     client = Client(site.url, verbose=False)
     gallery, result = client.predict(handle_file(str(site.private / "secret.png")), "auto", ["photo"], 5,
                                      api_name="/search")
     files = [r["file"] for r in result["results"]]
-    assert files[0] == "photo/3/link.png" and result["results"][0]["score"] > 0.9  # itself (re-ranked), relative name
-    assert len(gallery) == 5 and all(Path(g["image"]).is_file() for g in gallery)
+    assert "photo/3/link.png" not in files and all("secret" not in f for f in files)
+    assert len(gallery) == len(files) and all(Path(g["image"]).is_file() for g in gallery)
+
+
+def test_index_add_outside_the_data_root_serves_that_file_only(site: Site, tmp_path: Path) -> None:
+    """``index --add /x/a/extra/new.png`` must not open up ``/x/a`` (issue: ``/x/a/private.txt`` was served)."""
+    from app.server import launch_options
+    from cdretrieval.pipeline import add_to_index
+    from cdretrieval.retrieval import Retriever
+
+    run = tmp_path / "run"
+    shutil.copytree(site.run, run)
+    extra = site.data.parent / "extra"
+    extra.mkdir(exist_ok=True)
+    new = extra / "new.png"
+    shutil.copy(next((site.data / "ink" / "3").glob("ink_*.png")), new)
+    (extra / "private.txt").write_text("TOP-SECRET-CONTENT")
+    add_to_index(run, "photo", [new], num_workers=0, progress=False, device="cpu")
+    allowed = launch_options(Retriever.from_run(run, device="cpu"), run)["allowed_paths"]
+    assert str(new.resolve()) in allowed
+    assert not any(p == str(extra.resolve()) or p == str(site.data.parent.resolve()) for p in allowed)
+    assert str((extra / "private.txt").resolve()) not in allowed and all(Path(p).is_file() for p in allowed)
+
+
+def test_an_old_index_holding_a_link_out_of_the_data_root_never_shows_it(site: Site, tmp_path: Path) -> None:
+    """An index built before such links were skipped: the item is never served, shown or made a query."""
+    import hashlib
+    import json
+
+    from app.server import launch_options
+    from app.ui import SearchService
+    from cdretrieval.retrieval import Retriever
+
+    run = tmp_path / "run"
+    shutil.copytree(site.run, run)
+    folder = run / "index" / "photo"
+    lines = (folder / "items.jsonl").read_text().splitlines()
+    link = str(site.data / "photo" / "3" / "link.png")
+    lines[0] = json.dumps({**json.loads(lines[0]), "path": link})
+    blob = ("\n".join(lines) + "\n").encode()
+    (folder / "items.jsonl").write_bytes(blob)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["items.jsonl"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    retriever = Retriever.from_run(run, device="cpu")
+    assert retriever.indexes["photo"].items[0].path == link and retriever.resolve_item_path(link) is None
+    allowed = launch_options(retriever, run)["allowed_paths"]
+    assert str((site.private / "secret.png").resolve()) not in allowed and link not in allowed
+    service = SearchService(retriever, servable_folders=allowed)
+    secret = (site.private / "secret.png").read_bytes()
+    from PIL import Image
+
+    tile = service._thumbnail(link)
+    assert tile.getextrema() == ((200, 200), (200, 200), (200, 200))  # the grey placeholder, not its pixels
+    assert service.query_from_item(link, "photo", None, "the example")[0] is None
+    assert Image.open(site.private / "secret.png").tobytes() != tile.tobytes() and secret
