@@ -44,7 +44,8 @@ DEFAULT_PORT = 7860
 CONCURRENCY = 4  # searches running at once; more wait in the queue
 QUEUE_MAX = 64  # waiting requests beyond this are refused ("queue full") instead of piling up
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-MAX_SERVED_FILES = 50_000  # beyond this, no file is served as it is (each request is checked against each)
+MAX_SERVED_FILES = 50_000  # beyond this, no file is served as it is: Gradio checks each request against each
+# allowed path (slow: with 360 files, 4 concurrent clients time out — issue 14, tests/reliability/test_load.py)
 
 
 def _say(message: str) -> None:
