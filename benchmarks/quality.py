@@ -1,4 +1,4 @@
-"""Retrieval quality per data set: the ablation table of DESIGN.md §3, with pictures.
+"""Retrieval quality per data set: the README's ablation table, with pictures.
 
     python -m benchmarks.quality --preset pacs [--data-root R] [--protocol transductive|heldout]
         [--variants none,cds,pcs,full-kmeans,full-sinkhorn] [--seeds 0,1] [--epochs N]

@@ -73,7 +73,7 @@ def _default_terms() -> dict[str, LossTerm]:
 
 @dataclass
 class LossConfig:
-    """Loss terms and their hyper-parameters (DESIGN.md §2; paper defaults)."""
+    """Loss terms and their hyper-parameters (defaults of the CDS and PCS papers, see cdretrieval/losses)."""
 
     terms: dict[str, LossTerm] = field(default_factory=_default_terms)
     temperature: float = 0.1  # τ for instance and cross-domain softmaxes

@@ -11,7 +11,7 @@ Each ``cdretrieval`` command calls exactly one function here:
   (given an index's domain detector) its accuracy on the evaluated images.
 
 Without a run folder, embedding and evaluation use the backbone's pooled features with no adaptation
-(the baseline of DESIGN.md §3).
+(the ``none`` row of the README's benchmark tables).
 
 Embedding folder layout::
 
@@ -873,7 +873,7 @@ def evaluate(
     rerank: RerankParams | None = None,
     domain_detector: DomainDetector | str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Retrieval quality for every directed pair of ``domains`` (DESIGN.md §3), class folders as ground truth.
+    """Retrieval quality for every directed pair of ``domains`` (see :mod:`cdretrieval.metrics`), class folders as ground truth.
 
     With ``run_dir`` the run's encoder is evaluated; without, the no-adaptation ``backbone`` baseline.
     Instance-paired domains (``paired_domains(root)``, e.g. MNIST ↔ MNIST-M) also get ``R@k`` of the pair.

@@ -7,8 +7,7 @@ Unsupervised Representations", ICLR 2021), applied per domain by PCS §3.2.
 
 Equations are cited by section and name: PCS §3.2 "In-domain Prototypical Contrastive Learning",
 PCS §3.3 "Cross-domain Instance-Prototype Self-supervised Learning", PCL "ProtoNCE" and "Concentration
-estimation". (The equation numbers could not be re-checked against the papers here; DESIGN.md calls the
-in-domain loss PCS eq. 3.)
+estimation". (The equation numbers could not be re-checked against the papers here.)
 
 Prototypes μ_c come from spherical k-means of a domain's memory bank (:mod:`cdretrieval.clustering`);
 they and the concentrations φ_c are constants here (detached): the gradient reaches the features only.
