@@ -1,4 +1,4 @@
-"""Cross-domain retrieval metrics (the UCDIR protocol: Hu & Lee, ECCV 2022): P@k, mAP and paired recall@k, vectorised in numpy.
+"""Cross-domain retrieval metrics (UCDIR protocol, Hu & Lee ECCV 2022): P@k, mAP, paired recall@k, in numpy.
 
 Conventions shared by every function here:
 

@@ -873,7 +873,7 @@ def evaluate(
     rerank: RerankParams | None = None,
     domain_detector: DomainDetector | str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Retrieval quality for every directed pair of ``domains`` (see :mod:`cdretrieval.metrics`), class folders as ground truth.
+    """Retrieval quality for every directed pair of ``domains`` (:mod:`cdretrieval.metrics`); classes = ground truth.
 
     With ``run_dir`` the run's encoder is evaluated; without, the no-adaptation ``backbone`` baseline.
     Instance-paired domains (``paired_domains(root)``, e.g. MNIST ↔ MNIST-M) also get ``R@k`` of the pair.
