@@ -122,7 +122,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _normalised_rows(
+def normalised_rows(
     x: Any, name: str, error: type[ValueError], expected_dim: int | None = None, allow_1d: bool = False
 ) -> np.ndarray:
     """Validate ``x`` as [N, D] finite non-zero vectors and return them L2-normalised, float32, C-contiguous.
@@ -513,7 +513,7 @@ class DomainIndex:
             raise DataError(
                 f"domain {domain!r} has no embeddings to index (shape {x.shape}); is its image folder empty?"
             )
-        x = _normalised_rows(x, f"embeddings of domain {domain!r}", DataError)  # [N, D] unit rows
+        x = normalised_rows(x, f"embeddings of domain {domain!r}", DataError)  # [N, D] unit rows
         n, dim = x.shape
         items = _check_items(items, n, domain)
         rerank = _check_rerank(rerank)
@@ -562,7 +562,7 @@ class DomainIndex:
         x = _to_numpy(embeddings)
         if x.ndim == 2 and x.shape[0] == 0 and len(items) == 0:
             return
-        x = _normalised_rows(x, "added embeddings", DataError, expected_dim=self.dim)
+        x = normalised_rows(x, "added embeddings", DataError, expected_dim=self.dim)
         new_items = _check_items(items, x.shape[0], self.domain)
         if self.rerank is not None and self.rerank.uses_dba and len(self) > 0:
             x = augment_new_items(x, self, self.rerank)
@@ -587,7 +587,7 @@ class DomainIndex:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
-        q = _normalised_rows(queries, "queries", QueryError, expected_dim=self.dim, allow_1d=True)  # [Q, D]
+        q = normalised_rows(queries, "queries", QueryError, expected_dim=self.dim, allow_1d=True)  # [Q, D]
         k_eff = min(int(k), len(self))
         if q.shape[0] == 0:
             return np.empty((0, k_eff), np.float32), np.empty((0, k_eff), np.int64)

@@ -55,7 +55,7 @@ from cdretrieval.data.transforms import eval_transform
 from cdretrieval.device import autocast
 from cdretrieval.domain_detection import Detection, DomainDetector
 from cdretrieval.errors import ImageLoadError, IndexMismatchError, QueryError
-from cdretrieval.index import IndexSet, Item, UseGpu, _normalised_rows
+from cdretrieval.index import IndexSet, Item, UseGpu, normalised_rows
 from cdretrieval.pipeline import LoadedModel, load_run_index
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams, alpha_query_expansion
 from cdretrieval.run import INDEX_DIR
@@ -507,7 +507,7 @@ class Retriever:
         self, q: np.ndarray, targets: Sequence[str], k: int, rerank: bool | None
     ) -> list[list[SearchResult]]:
         """Search ``targets`` with queries ``q`` ``[Q, D]``; merge them by calibrated score (best ``k``)."""
-        unit = _normalised_rows(q, "query embeddings", QueryError, expected_dim=self.indexes.dim)  # [Q, D]
+        unit = normalised_rows(q, "query embeddings", QueryError, expected_dim=self.indexes.dim)  # [Q, D]
         scored = [self._scored(t, unit, k, rerank) for t in targets]
         scores = [s for s, _, _ in scored]
         ids = [i for _, i, _ in scored]
@@ -587,7 +587,7 @@ class Retriever:
             return []
         detector = self.detector
         usable = source is None and detector is not None and detector.feature == self.model.feature
-        vectors = _normalised_rows(q, "query embeddings", QueryError, expected_dim=self.indexes.dim) if usable else None
+        vectors = normalised_rows(q, "query embeddings", QueryError, expected_dim=self.indexes.dim) if usable else None
         return self._respond(q, vectors, target_domain, k, source, rerank)
 
     def retrieve_batch(
