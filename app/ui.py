@@ -9,8 +9,9 @@ Page (top to bottom on a phone, two columns on a desktop):
   error stays there until the next search (no fading toasts);
 * the results — thumbnails ranked by per-domain calibrated score (:func:`cdretrieval.retrieval.merge_calibrated`),
   captions ``domain · class · cosine`` under the image; clicking one opens it full size (the original
-  indexed file, downloadable under its own name) with a **More like this** button that searches with it
-  (its domain known); the results as CSV or JSON downloads; the raw JSON;
+  indexed file — the server's copy of it, :class:`app.server.ServedFiles` — downloadable under its own
+  name; its decoded pixels and no download when the server sends no files) with a **More like this**
+  button that searches with it (its domain known); the results as CSV or JSON downloads; the raw JSON;
 * labelled example queries (``domain · class``) from the indexed images: a click searches with one;
 * a collapsed "Model and index" panel (paths relative to the data root / run, never absolute server paths).
 
@@ -60,7 +61,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -71,6 +72,9 @@ from PIL import Image, UnidentifiedImageError
 from cdretrieval.data.images import check_image_header, load_image, load_image_bytes
 from cdretrieval.errors import CDRetrievalError, ImageLoadError
 from cdretrieval.retrieval import AUTO, Retriever, SearchResponse, SearchResult
+
+if TYPE_CHECKING:  # app.server imports this module
+    from app.server import ServedFiles
 
 logger = logging.getLogger(__name__)
 
@@ -468,14 +472,12 @@ class SearchService:
     Args:
         retriever: the loaded run.
         max_upload_mb: largest accepted upload.
-        servable_folders: the files (or folders) the server may send as they are (``allowed_paths``: the
-            server gives exactly the indexed image files); an indexed file not among them is previewed from
-            its decoded pixels. None: every indexed file.
+        served: the indexed files the server sends as files (:class:`app.server.ServedFiles`: a preview or
+            download gets the copy it makes in its one allowed folder); an indexed file it refuses is
+            previewed from its decoded pixels, without a download. None: no file is sent as it is.
     """
 
-    def __init__(
-        self, retriever: Retriever, max_upload_mb: int = 10, servable_folders: Sequence[str] | None = None
-    ) -> None:
+    def __init__(self, retriever: Retriever, max_upload_mb: int = 10, served: ServedFiles | None = None) -> None:
         if max_upload_mb < 1:
             raise ValueError(f"max_upload_mb must be ≥ 1, got {max_upload_mb}")
         self.retriever = retriever
@@ -486,12 +488,7 @@ class SearchService:
         self.data_root = str(root) if root else None
         self.thumbnails = ThumbnailCache()
         self.files = ResultFiles()
-        self.servable_folders: list[Path] | None = None
-        self.servable_files: set[Path] = set()
-        if servable_folders is not None:
-            resolved = [Path(f).resolve() for f in servable_folders]
-            self.servable_folders = [p for p in resolved if p.is_dir()]
-            self.servable_files = {p for p in resolved if not p.is_dir()}
+        self.served = served
 
     # -- searching ------------------------------------------------------------------------------------
     def search(
@@ -632,10 +629,11 @@ class SearchService:
         text = f"**#{row['rank']}** · {_md_escape(short_label(row['domain'], row.get('label')))} · {score}  \n`{file}`"
         if stored is None or not stored.is_file():
             return gr.Column(visible=True), None, text + "  \n(the file is gone)", gr.DownloadButton(visible=False), row
-        if self._servable(stored):
-            image: Any = str(stored)
-            download = gr.DownloadButton(label=f"Download {stored.name}", value=str(stored), visible=True)
-        else:  # its folder is not served as files: show the decoded pixels, offer no download
+        copy = self.served_copy(stored)
+        if copy is not None:  # the server's copy: the same bytes, the same name
+            image: Any = str(copy)
+            download = gr.DownloadButton(label=f"Download {copy.name}", value=str(copy), visible=True)
+        else:  # not sent as a file: show the decoded pixels, offer no download
             try:
                 image = load_image(stored)
             except CDRetrievalError:
@@ -643,12 +641,15 @@ class SearchService:
             download = gr.DownloadButton(visible=False)
         return gr.Column(visible=True), image, text, download, row
 
-    def _servable(self, path: Path) -> bool:
-        """Whether the server sends ``path`` as it is (it is one of its ``allowed_paths``)."""
-        if self.servable_folders is None:
-            return True
-        p = path.resolve()
-        return p in self.servable_files or any(p == f or f in p.parents for f in self.servable_folders)
+    def served_copy(self, path: str | os.PathLike[str]) -> Path | None:
+        """The file the server sends for the indexed image ``path`` (:meth:`ServedFiles.serve`), or None
+        when it sends none (no ``served`` object, or a file it refuses)."""
+        return self.served.serve(path) if self.served is not None else None
+
+    def example_tile(self, path: str) -> str | Image.Image:
+        """What an example tile shows: the served copy of the indexed image, else its thumbnail's pixels."""
+        copy = self.served_copy(path)
+        return str(copy) if copy is not None else self._thumbnail(path)
 
     def more_like_this(self, row: dict[str, Any] | None) -> tuple[Any, ...]:
         """The selected result becomes the query (its domain as the source)."""
@@ -685,13 +686,14 @@ def build_app(
     *,
     max_upload_mb: int = 10,
     examples_per_domain: int = 3,
-    servable_folders: Sequence[str] | None = None,
+    served: ServedFiles | None = None,
 ) -> gr.Blocks:
     """The page for ``retriever`` (see the module docstring for the layout and the ``/search`` API).
 
-    ``servable_folders``: the server's ``allowed_paths`` (see :class:`SearchService`).
+    ``served``: the files the server sends as files, the object whose folder is its allowed path (see
+    :class:`SearchService`); None: every image is shown from its pixels.
     """
-    service = SearchService(retriever, max_upload_mb, servable_folders)
+    service = SearchService(retriever, max_upload_mb, served)
     domains = service.domains
     examples = example_queries(retriever, examples_per_domain)
     detect_info = ("auto: detect it from the image" if retriever.detector is not None
@@ -769,7 +771,7 @@ def build_app(
         gr.Markdown("**Example queries** from the indexed images (domain · class): click one to search with it.",
                     visible=bool(examples), elem_id="examples-title")
         example_gallery = gr.Gallery(
-            value=[(e.path, short_label(e.domain, e.label)) for e in examples],
+            value=[(service.example_tile(e.path), short_label(e.domain, e.label)) for e in examples],
             label="Example queries", show_label=False, columns=max(1, min(9, len(examples))), height="auto",
             object_fit="contain", allow_preview=False, buttons=[], interactive=False, visible=bool(examples),
             elem_id="examples",

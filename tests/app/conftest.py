@@ -10,11 +10,15 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from cdretrieval.data.demo import DEMO_DOMAINS
+
+if TYPE_CHECKING:  # app.server imports gradio: only when a test needs the server
+    from app.server import ServedFiles
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +61,7 @@ class Served:
     url: str  # ends with "/"
     run: Path
     data_root: Path
+    files: ServedFiles  # what the server sends as files: its folder is the one allowed path
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +72,6 @@ def served(app_run: Path, demo_root: Path) -> Iterator[Served]:
     demo = launch_app(app_run, port=_free_port(), prevent_thread_lock=True, device="cpu")
     url = str(demo.local_url)
     try:
-        yield Served(url if url.endswith("/") else url + "/", app_run, demo_root)
+        yield Served(url if url.endswith("/") else url + "/", app_run, demo_root, demo.served_files)
     finally:
         demo.close()

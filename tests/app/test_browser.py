@@ -129,7 +129,10 @@ def test_auto_detects_the_domain_then_more_like_this(page: Any, served: Served) 
 
     page.locator("#results .thumbnail-item").nth(1).click()
     page.locator("#preview-original img").wait_for(timeout=20_000)  # the original, full size
-    assert page.locator("#preview-download").inner_text().startswith("Download ")
+    page.wait_for_function(  # fetched and decoded: the server sent its copy of the indexed file
+        "() => { const i = document.querySelector('#preview-original img'); return i && i.complete && "
+        "i.naturalWidth > 0; }", timeout=20_000)
+    assert re.fullmatch(r"Download \S+\.png", page.locator("#preview-download").inner_text().strip())
     picked = captions[1].split(" · ")[0]
     page.locator("#more-like-this").click()
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('for the result')",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +18,7 @@ from PIL import Image
 if TYPE_CHECKING:
     from conftest import Served
 
-from app.server import indexed_folders, launch_options, parse_auth, resolve_auth
+from app.server import ServedFiles, blocked_paths, indexed_folders, launch_options, parse_auth, resolve_auth
 from app.ui import (
     CSV_COLUMNS,
     QueryInputError,
@@ -132,21 +134,29 @@ def _file_url(served: Served, path: str | Path) -> str:
 
 
 def test_only_indexed_data_files_are_served(served: Served) -> None:
+    """The server's copies of indexed images are sent; the originals' own paths and everything else are not."""
     indexed = _query_file(served.data_root).resolve()
+    copy = served.files.serve(indexed)
+    assert copy is not None and copy.parent.parent == served.files.folder and copy.name == indexed.name
     with httpx.Client(timeout=10) as http:
-        ok = http.get(_file_url(served, indexed))
+        ok = http.get(_file_url(served, copy))
         assert ok.status_code == 200 and ok.content == indexed.read_bytes()
 
         secret = served.data_root.parent / "secret.txt"  # next to the data, not in a domain folder
         secret.write_text("TOP-SECRET-CONTENT")
+        from_folder = os.path.relpath(secret, served.files.folder)  # ../../… out of the allowed folder
         refused = [
             "/etc/passwd",
+            str(indexed),  # an indexed image, but by its own path: only the server's copy is allowed
+            str(indexed.parent),
+            str(copy.parent),  # a folder, even inside the allowed one
             str(served.run / "checkpoint.pt"),
             str(served.run / "config.yaml"),
             str(served.data_root / "demo.json"),  # data root itself is not an indexed domain folder
             str(secret),
+            f"{served.files.folder}/{from_folder}",
+            f"{copy.parent}/../../../../../../../../etc/passwd",
             f"{indexed.parent}/../../../secret.txt",
-            f"{indexed.parent}/../../../../../../../../etc/passwd",
             str(Path.home() / ".bashrc"),
         ]
         for path in refused:
@@ -156,8 +166,8 @@ def test_only_indexed_data_files_are_served(served: Served) -> None:
         # URL-encoded traversal is decoded by the router and then refused the same way
         r = http.get(f"{served.url}gradio_api/file=%2Fetc%2Fpasswd")
         assert r.status_code in (403, 404)
-        r = http.get(f"{served.url}gradio_api/file={indexed.parent}/..%2F..%2F..%2Fsecret.txt")
-        assert r.status_code in (403, 404)
+        r = http.get(f"{served.url}gradio_api/file={served.files.folder}/{from_folder.replace('/', '%2F')}")
+        assert r.status_code in (403, 404) and b"TOP-SECRET-CONTENT" not in r.content
 
 
 def _raw_call(http: httpx.Client, served: Served, file_path: str, k: int = 3) -> str:
@@ -192,19 +202,38 @@ def test_launch_options_are_safe(app_run: Path, served: Served) -> None:
     from cdretrieval.retrieval import Retriever
 
     retriever = Retriever.from_run(app_run, device="cpu")
-    opts = launch_options(retriever, app_run)
-    assert opts["server_name"] == "127.0.0.1" and opts["share"] is False and opts["auth"] is None
-    assert opts["max_file_size"] == "10mb" and opts["show_error"] is False
     data = served.data_root.resolve()
-    indexed = sorted(str(Path(it.path).resolve()) for d in retriever.domains for it in retriever.indexes[d].items)
-    assert opts["allowed_paths"] == indexed  # exactly the indexed image files, never a folder
-    assert all(str(data / d) not in opts["allowed_paths"] for d in ("ink", "outline", "photo"))
-    assert str(app_run.resolve()) in opts["blocked_paths"]
+    files = ServedFiles.of(retriever, protected=blocked_paths(app_run))
+    try:
+        opts = launch_options(app_run, served=files)
+        assert opts["server_name"] == "127.0.0.1" and opts["share"] is False and opts["auth"] is None
+        assert opts["max_file_size"] == "10mb" and opts["show_error"] is False
+        # one allowed folder, the server's own (Gradio checks each request against each allowed path: issue 14)
+        assert opts["allowed_paths"] == [str(files.folder)] and files.folder.is_dir()
+        assert str(app_run.resolve()) in opts["blocked_paths"]
+        assert launch_options(app_run)["allowed_paths"] == []  # no ServedFiles: no file is sent as it is
+        indexed = sorted(str(Path(it.path).resolve()) for d in retriever.domains for it in retriever.indexes[d].items)
+        assert sorted(files.files) == indexed  # exactly the indexed image files, never a folder
+        for path in indexed[::60]:
+            copy = files.serve(path)
+            assert copy is not None and files.folder in copy.parents and copy.name == Path(path).name
+            assert copy.read_bytes() == Path(path).read_bytes()
+        for refused in (app_run / "checkpoint.pt", app_run / "config.yaml", data / "demo.json", data / "ink",
+                        data, Path("/etc/passwd")):
+            assert files.serve(refused) is None, refused
+    finally:
+        files.close()
+    assert not files.folder.exists() and files.serve(indexed[0]) is None  # closed: its folder is gone
     assert served.url.startswith("http://127.0.0.1:")
     # nothing inside a protected folder (the run folder) is served (thumbnails still work)
     assert indexed_folders(retriever, protected=[data / "ink" / "3"]) == [str(data / "outline"), str(data / "photo")]
-    protected = launch_options(retriever, app_run, extra_blocked=[data / "ink" / "3"])["allowed_paths"]
-    assert protected and not any(p.startswith(str(data / "ink" / "3")) for p in protected)
+    protected = ServedFiles.of(retriever, protected=blocked_paths(app_run, [data / "ink" / "3"]))
+    try:
+        assert protected.files and not any(p.startswith(str(data / "ink" / "3")) for p in protected.files)
+        assert protected.serve(_query_file(data, "ink", "3")) is None
+        assert protected.serve(_query_file(data, "ink", "4")) is not None
+    finally:
+        protected.close()
 
 
 def test_info_panel_and_page(served: Served) -> None:
@@ -378,8 +407,7 @@ def test_result_preview_downloads_and_more_like_this(served: Served, tmp_path: P
     from cdretrieval.retrieval import Retriever
 
     retriever = Retriever.from_run(served.run, device="cpu")
-    data = served.data_root.resolve()
-    service = SearchService(retriever, servable_folders=[str(data / d) for d in ("ink", "outline", "photo")])
+    service = SearchService(retriever, served=served.files)  # the running server's copies
     query = str(_query_file(served.data_root, "photo", "4"))
     _, status, payload, rows, csv_btn, json_btn, _, _ = service.ui_search("upload", query, None, "auto", [],
                                                                            6, "the uploaded image")
@@ -392,12 +420,17 @@ def test_result_preview_downloads_and_more_like_this(served: Served, tmp_path: P
 
     _, image, text, download, selected = service.select_result(rows, gr.SelectData(None, {"index": 2, "value": None}))
     original = Path(rows[2]["path"])
-    assert image == str(original)  # the original file, not a thumbnail
+    copy = Path(image)  # the original file (the server's copy of it, in its one allowed folder), not a thumbnail
+    assert served.files.folder in copy.parents and copy.read_bytes() == original.read_bytes()
     assert Path(_file(download)).read_bytes() == original.read_bytes() and download.value["orig_name"] == original.name
     assert download.label == f"Download {original.name}" and f"#3** · {rows[2]['domain']}" in text
-    outside = SearchService(retriever, servable_folders=[str(tmp_path)])  # not served as a file: pixels only
-    _, image, _, download, _ = outside.select_result(rows, gr.SelectData(None, {"index": 2, "value": None}))
-    assert isinstance(image, Image.Image) and download.visible is False
+    nothing = ServedFiles([])  # the server sends no file: pixels only, no download
+    try:
+        for outside in (SearchService(retriever), SearchService(retriever, served=nothing)):
+            _, image, _, download, _ = outside.select_result(rows, gr.SelectData(None, {"index": 2, "value": None}))
+            assert isinstance(image, Image.Image) and download.visible is False
+    finally:
+        nothing.close()
 
     img, source, targets, _, mode, name = service.more_like_this(selected)
     assert source == rows[2]["domain"] and targets == [] and mode == "upload" and "result" in name
@@ -431,3 +464,60 @@ def test_thumbnails_are_small_and_missing_files_get_a_tile(served: Served, tmp_p
     assert cache.get(str(tmp_path / "gone.png")).size == (32, 32)  # a grey tile, no exception
     cache.get(str(_query_file(served.data_root)))
     assert len(cache._items) == 2
+
+
+def _serve_from_threads(files: ServedFiles, path: Path, n: int = 8) -> list[tuple[Path | None, bytes]]:
+    """``n`` threads call ``files.serve(path)`` at once and read what they get."""
+    start = threading.Barrier(n)
+    out: list[tuple[Path | None, bytes]] = [(None, b"")] * n
+
+    def work(i: int) -> None:
+        start.wait()
+        copy = files.serve(path)
+        out[i] = (copy, copy.read_bytes() if copy is not None else b"")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return out
+
+
+@pytest.mark.parametrize("hard_link", [True, False], ids=["hard-link", "copy"])
+def test_concurrent_serves_of_a_file_all_get_the_same_complete_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_link: bool
+) -> None:
+    """Several requests at once for the same image: one path, the whole file for each (never half written);
+    a copy (another filesystem, no hard links) as well as a link; a changed original is served anew."""
+    if not hard_link:
+        def no_link(src: object, dst: object) -> None:
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    image = tmp_path / "data" / "big photo.png"  # a space: the name is kept as it is
+    image.parent.mkdir()
+    content = os.urandom(4 * 2**20)  # big enough for a copy to take a while
+    image.write_bytes(content)
+    (tmp_path / "data" / "notes.txt").write_text("NOTES")
+    files = ServedFiles([image])
+    try:
+        got = _serve_from_threads(files, image)
+        paths = {copy for copy, _ in got}
+        assert len(paths) == 1 and None not in paths
+        copy = next(iter(paths))
+        assert copy is not None and copy.parent.parent == files.folder and copy.name == image.name
+        assert all(data == content for _, data in got)
+        linked = copy.stat().st_ino == image.stat().st_ino
+        assert linked is (hard_link and image.stat().st_dev == files.folder.stat().st_dev)  # a link if it can be
+        assert [p.name for p in copy.parent.iterdir()] == [image.name]  # no staging file left behind
+        assert files.serve(tmp_path / "data" / "notes.txt") is None and files.serve(tmp_path / "data") is None
+
+        changed = os.urandom(1000)
+        replacement = tmp_path / "data" / "new.png"
+        replacement.write_bytes(changed)
+        os.replace(replacement, image)  # the original is replaced (a new file): its copy is made again
+        assert all(data == changed for _, data in _serve_from_threads(files, image))
+    finally:
+        files.close()
+    assert not files.folder.exists()

@@ -11,12 +11,7 @@ import pytest
 from benchmarks.load_test import check_answer, main, make_queries, rss_mb, run_load
 from cdretrieval.retrieval import Retriever
 
-#: Known defect (issue 14): the server allows exactly the indexed files, Gradio checks every request against
-#: each of them, and concurrent clients time out. The tests stay as the target until a file route replaces it.
-SLOW_ALLOWED_PATHS = "known defect: per-file allowed_paths make concurrent requests time out (issue 14)"
 
-
-@pytest.mark.xfail(reason=SLOW_ALLOWED_PATHS, strict=False)
 def test_four_clients_five_queries_each_all_correct(server_url: str, retriever: Retriever, tmp_path: Path) -> None:
     queries = make_queries(retriever, tmp_path / "queries", n=8)
     assert {len(q.expected) for q in queries} <= {1, 5, 10, 20, 50}
@@ -44,7 +39,6 @@ def test_check_answer_catches_wrong_answers(retriever: Retriever, tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=SLOW_ALLOWED_PATHS, strict=False)
 def test_benchmark_script_end_to_end(indexed_run: Path, tmp_path: Path) -> None:
     """``python -m benchmarks.load_test`` in miniature: server child process, load, soak, JSON + Markdown."""
     code = main(["--run", str(indexed_run), "--users", "2", "--queries", "3", "--soak", "20", "--sample-every", "10",

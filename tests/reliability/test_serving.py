@@ -1,4 +1,5 @@
-"""Serving gaps not in tests/app/test_ui.py: the server serves exactly the indexed image files.
+"""Serving gaps not in tests/app/test_ui.py: the server serves exactly the indexed image files (each from the
+copy it makes in its one allowed folder; the originals' own paths are never an allowed path).
 
 Layout (the run folder lives elsewhere)::
 
@@ -13,14 +14,19 @@ Layout (the run folder lives elsewhere)::
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 from conftest import free_port
+
+if TYPE_CHECKING:
+    from app.server import ServedFiles
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Site:
     data: Path
     private: Path
     run: Path
+    files: ServedFiles  # the running server's
 
 
 @pytest.fixture(scope="module")
@@ -59,25 +66,14 @@ def site(tiny_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFacto
     demo = launch_app(run, port=free_port(), prevent_thread_lock=True, device="cpu", examples_per_domain=0)
     url = str(demo.local_url)
     try:
-        yield Site(url if url.endswith("/") else url + "/", data, private, run)
+        yield Site(url if url.endswith("/") else url + "/", data, private, run, demo.served_files)
     finally:
         demo.close()
 
 
-def test_served_files_are_exactly_the_indexed_images(site: Site) -> None:
-    from app.server import launch_options
-    from cdretrieval.retrieval import Retriever
-
-    retriever = Retriever.from_run(site.run, device="cpu")
-    assert not any(it.path.endswith("link.png") for it in retriever.indexes["photo"].items)  # skipped at scan time
-    indexed = sorted(str(Path(it.path).resolve()) for d in retriever.domains for it in retriever.indexes[d].items)
-    allowed = launch_options(retriever, site.run)["allowed_paths"]
-    assert allowed == indexed and all(Path(p).is_file() for p in allowed)  # files, never a folder
-
-
-def test_symlinks_out_of_a_data_folder_are_not_served(site: Site) -> None:
-    ok = next((site.data / "photo" / "3").glob("photo_*.png"))
-    refused = [
+def _refused_by_serve(site: Site) -> list[Path]:
+    """Paths that are not indexed image files (or lead to none), for :meth:`ServedFiles.serve`."""
+    return [
         site.data / "photo" / "3" / "link.png",  # a linked image whose file is outside the data root
         site.data / "photo" / "3" / "notes.txt",  # beside the indexed images, but not one of them
         site.data / "photo" / "3",  # a folder
@@ -88,8 +84,47 @@ def test_symlinks_out_of_a_data_folder_are_not_served(site: Site) -> None:
         site.run / "checkpoint.pt",
         site.data / "photo" / "3" / ".." / ".." / ".." / "private" / "secret.txt",
     ]
+
+
+def test_served_files_are_exactly_the_indexed_images(site: Site) -> None:
+    from app.server import ServedFiles, blocked_paths, launch_options
+    from cdretrieval.retrieval import Retriever
+
+    retriever = Retriever.from_run(site.run, device="cpu")
+    assert not any(it.path.endswith("link.png") for it in retriever.indexes["photo"].items)  # skipped at scan time
+    indexed = sorted(str(Path(it.path).resolve()) for d in retriever.domains for it in retriever.indexes[d].items)
+    files = ServedFiles.of(retriever, protected=blocked_paths(site.run))
+    try:
+        assert sorted(files.files) == indexed and all(Path(p).is_file() for p in files.files)  # never a folder
+        assert launch_options(site.run, served=files)["allowed_paths"] == [str(files.folder)]  # one folder
+        for path in indexed:
+            copy = files.serve(path)
+            assert copy is not None and copy.parent.parent == files.folder and copy.name == Path(path).name
+            assert copy.read_bytes() == Path(path).read_bytes()
+        for path in _refused_by_serve(site):
+            assert files.serve(path) is None, path
+        assert sorted(files.files) == sorted(site.files.files)  # what the running server holds
+    finally:
+        files.close()
+
+
+def test_symlinks_out_of_a_data_folder_are_not_served(site: Site) -> None:
+    """Over HTTP: the server's copy of an indexed image is sent; its original path, the files beside it, links
+    out of the data root, the run and the folders (the allowed one included) are refused."""
+    ok = next((site.data / "photo" / "3").glob("photo_*.png"))
+    copy = site.files.serve(ok)
+    assert copy is not None
+    refused: list[Path | str] = [
+        *_refused_by_serve(site),
+        ok,  # indexed, but only its copy is in the allowed folder
+        ok.resolve(),
+        copy.parent,
+        site.files.folder,
+    ]
+    out_of_folder = os.path.relpath(site.private / "secret.txt", copy.parent)  # ../../… from the allowed folder
+    refused += [f"{copy.parent}/{out_of_folder}", f"{copy.parent}/{out_of_folder.replace('/', '%2F')}"]
     with httpx.Client(timeout=10) as http:
-        r = http.get(f"{site.url}gradio_api/file={ok.resolve()}")
+        r = http.get(f"{site.url}gradio_api/file={copy}")
         assert r.status_code == 200 and r.content == ok.read_bytes()
         for path in refused:
             r = http.get(f"{site.url}gradio_api/file={path}")
@@ -111,7 +146,7 @@ def test_search_never_shows_images_behind_links_out_of_the_data_root(site: Site)
 
 def test_index_add_outside_the_data_root_serves_that_file_only(site: Site, tmp_path: Path) -> None:
     """``index --add /x/a/extra/new.png`` must not open up ``/x/a`` (issue: ``/x/a/private.txt`` was served)."""
-    from app.server import launch_options
+    from app.server import ServedFiles, blocked_paths
     from cdretrieval.pipeline import add_to_index
     from cdretrieval.retrieval import Retriever
 
@@ -123,10 +158,16 @@ def test_index_add_outside_the_data_root_serves_that_file_only(site: Site, tmp_p
     shutil.copy(next((site.data / "ink" / "3").glob("ink_*.png")), new)
     (extra / "private.txt").write_text("TOP-SECRET-CONTENT")
     add_to_index(run, "photo", [new], num_workers=0, progress=False, device="cpu")
-    allowed = launch_options(Retriever.from_run(run, device="cpu"), run)["allowed_paths"]
-    assert str(new.resolve()) in allowed
-    assert not any(p == str(extra.resolve()) or p == str(site.data.parent.resolve()) for p in allowed)
-    assert str((extra / "private.txt").resolve()) not in allowed and all(Path(p).is_file() for p in allowed)
+    files = ServedFiles.of(Retriever.from_run(run, device="cpu"), protected=blocked_paths(run))
+    try:
+        assert str(new.resolve()) in files.files and all(Path(p).is_file() for p in files.files)
+        assert not any(p == str(extra.resolve()) or p == str(site.data.parent.resolve()) for p in files.files)
+        copy = files.serve(new)
+        assert copy is not None and copy.read_bytes() == new.read_bytes()
+        for refused in (extra / "private.txt", extra, site.data.parent):
+            assert files.serve(refused) is None, refused
+    finally:
+        files.close()
 
 
 def test_an_old_index_holding_a_link_out_of_the_data_root_never_shows_it(site: Site, tmp_path: Path) -> None:
@@ -134,7 +175,7 @@ def test_an_old_index_holding_a_link_out_of_the_data_root_never_shows_it(site: S
     import hashlib
     import json
 
-    from app.server import launch_options
+    from app.server import ServedFiles, blocked_paths
     from app.ui import SearchService
     from cdretrieval.retrieval import Retriever
 
@@ -152,13 +193,18 @@ def test_an_old_index_holding_a_link_out_of_the_data_root_never_shows_it(site: S
 
     retriever = Retriever.from_run(run, device="cpu")
     assert retriever.indexes["photo"].items[0].path == link and retriever.resolve_item_path(link) is None
-    allowed = launch_options(retriever, run)["allowed_paths"]
-    assert str((site.private / "secret.png").resolve()) not in allowed and link not in allowed
-    service = SearchService(retriever, servable_folders=allowed)
-    secret = (site.private / "secret.png").read_bytes()
-    from PIL import Image
+    files = ServedFiles.of(retriever, protected=blocked_paths(run))
+    try:
+        assert str((site.private / "secret.png").resolve()) not in files.files and link not in files.files
+        assert files.serve(link) is None and files.serve(site.private / "secret.png") is None
+        service = SearchService(retriever, served=files)
+        secret = (site.private / "secret.png").read_bytes()
+        from PIL import Image
 
-    tile = service._thumbnail(link)
-    assert tile.getextrema() == ((200, 200), (200, 200), (200, 200))  # the grey placeholder, not its pixels
-    assert service.query_from_item(link, "photo", None, "the example")[0] is None
-    assert Image.open(site.private / "secret.png").tobytes() != tile.tobytes() and secret
+        tile = service._thumbnail(link)
+        assert tile.getextrema() == ((200, 200), (200, 200), (200, 200))  # the grey placeholder, not its pixels
+        assert service.query_from_item(link, "photo", None, "the example")[0] is None
+        assert service.example_tile(link) is not None and service.served_copy(link) is None
+        assert Image.open(site.private / "secret.png").tobytes() != tile.tobytes() and secret
+    finally:
+        files.close()
