@@ -77,7 +77,7 @@ from cdretrieval.paths import cache_dir
 from cdretrieval.pipeline import embed_domains
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams
 from cdretrieval.run import CHECKPOINT_FILE, encoder_from_config
-from cdretrieval.train import Trainer, build_feature_cache, resolve_mode
+from cdretrieval.train import CACHED_MODES, Trainer, build_feature_cache, resolve_mode
 
 # --------------------------------------------------------------------------------------------- variants
 
@@ -553,11 +553,12 @@ def run_none(bench: Bench, cfg: RunConfig, seed: int) -> tuple[VariantRun, Embed
     """Score the pretrained backbone's features (no training)."""
     scoped = reset_peak_rss()
     t0 = time.perf_counter()
-    frozen = resolve_mode(cfg, resolve_device(cfg.train.device)) == "frozen"
-    if not frozen:
+    mode = resolve_mode(cfg, resolve_device(cfg.train.device))
+    if mode not in CACHED_MODES:
         emb = embed_view(None, bench.view, cfg, bench.progress)
     elif bench.protocol == "transductive":
-        cache = bench.feature_cache if bench.trained_variants else None
+        # the frozen-mode trainer finds these views in its cache later; partial mode caches maps instead
+        cache = bench.feature_cache if bench.trained_variants and mode == "frozen" else None
         feats, kept = backbone_features(bench.pretrained(cfg), bench.view_samples(bench.view.train_split), cfg,
                                         training_cache=cache, progress=bench.progress)
         emb = _to_embedded("backbone", feats, kept, None)

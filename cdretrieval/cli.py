@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None)
     p.add_argument("--backbone", choices=("efficientnet_lite0", "resnet18", "resnet50"), default=None)
     p.add_argument("--image-size", type=_positive_int, default=None, help="a multiple of 32 (default 128)")
-    p.add_argument("--mode", choices=("auto", "frozen", "finetune"), default=None,
+    p.add_argument("--mode", choices=("auto", "frozen", "partial", "finetune"), default=None,
                    help="auto (default): finetune on CUDA, frozen backbone with cached features on CPU")
     p.add_argument("--clustering", choices=("kmeans", "sinkhorn"), default=None)
     p.add_argument("--clusters", type=_int_list, default=None, help="k values, e.g. 7,14 (default: label-free rule)")

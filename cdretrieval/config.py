@@ -96,8 +96,9 @@ class LossConfig:
 class TrainConfig:
     """Optimisation and run mechanics."""
 
-    mode: Literal["auto", "frozen", "finetune"] = "auto"  # auto: finetune on CUDA, frozen on CPU
-    cached_views: int = 4  # frozen mode: augmented views cached per image (plus one clean view)
+    mode: Literal["auto", "frozen", "partial", "finetune"] = "auto"  # auto: finetune on CUDA, frozen on CPU
+    cached_views: int = 4  # frozen/partial mode: augmented views cached per image (plus one clean view)
+    trainable_units: int = 1  # partial mode: top backbone units trained (Lite0 1 = conv head; ResNet 1 = layer4)
     epochs: int = 10  # chosen on held-out PACS (docs/defaults.md): 8-10 beat 15 and 30 (over-fitting)
     batch_size: int = 64  # per domain per step
     steps_per_epoch: int | None = None  # None → largest domain / batch_size
@@ -233,6 +234,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"losses.num_clusters must all be ≥ 2, got {cfg.losses.num_clusters}")
     if cfg.train.cached_views < 1:
         raise ValueError(f"train.cached_views must be ≥ 1, got {cfg.train.cached_views}")
+    if cfg.train.trainable_units < 1:
+        raise ValueError(f"train.trainable_units must be ≥ 1, got {cfg.train.trainable_units}")
 
 
 def cluster_counts(cfg: LossConfig, domain_sizes: list[int]) -> list[int]:

@@ -21,6 +21,10 @@ Two modes:
   views; the backbone under ONNX Runtime on CPU) and cached on disk; only the projection head trains, on
   cached views. On 2 CPU cores Lite0 trains end to end at ~20 img/s, so a
   PACS epoch would take ~8 min; frozen mode trains an epoch in seconds after a one-off cache pass.
+* ``partial``: like ``frozen``, but the cache holds the feature maps below the top ``trainable_units``
+  backbone units (:func:`~cdretrieval.models.backbones.split_backbone`), and those units train with the head.
+  The trained units keep their BatchNorm statistics (eval mode: per-sample computation, so DDP and
+  resume stay exact) and run without drop-connect.
 
 Distributed: under ``torchrun`` each rank takes a strided shard of every domain batch; the model is
 wrapped in DistributedDataParallel, features are all-gathered for identical bank updates on every rank,
@@ -71,6 +75,7 @@ from cdretrieval.losses import (
 )
 from cdretrieval.losses.mim import MutualInformation
 from cdretrieval.memory import MemoryBank
+from cdretrieval.models.backbones import BackboneSplit, split_backbone
 from cdretrieval.models.encoder import Encoder
 from cdretrieval.models.runtime import frozen_forward
 from cdretrieval.paths import cache_dir
@@ -276,16 +281,20 @@ FEATURE_CACHE_FORMAT = 2
 CACHE_BATCH_VIEWS = 64
 
 
-def feature_cache_key(cfg: RunConfig, samples: Sequence[Sample]) -> str:
-    """Identity of a frozen-mode feature cache: format, backbone, weights, size, augmentation, views, seed, files."""
+#: Training modes that train on cached inputs (backbone features or the lower part's maps).
+CACHED_MODES = ("frozen", "partial")
+
+
+def feature_cache_key(cfg: RunConfig, samples: Sequence[Sample], mode: str = "frozen") -> str:
+    """Identity of a feature cache: format, backbone, weights, size, augmentation, views, seed, files, and
+    in ``partial`` mode the cut (``trainable_units``)."""
     d, m, t = cfg.data, cfg.model, cfg.train
+    fields: list[Any] = [FEATURE_CACHE_FORMAT, m.backbone, m.weights, d.image_size, d.aug_strength, d.min_scale,
+                         d.hflip, d.blur, t.cached_views, t.seed]
+    if mode == "partial":
+        fields += ["partial", t.trainable_units]
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            [FEATURE_CACHE_FORMAT, m.backbone, m.weights, d.image_size, d.aug_strength, d.min_scale, d.hflip, d.blur,
-             t.cached_views, t.seed],
-        ).encode()
-    )
+    h.update(json.dumps(fields).encode())
     for s in samples:  # real paths: the same files reached through links share one cache
         h.update(os.path.realpath(s.path).encode())
         h.update(b"\0")
@@ -368,25 +377,28 @@ def build_feature_cache(
     cache_root: Path,
     domain: str,
     progress: bool = True,
+    split: BackboneSplit | None = None,
 ) -> tuple[Tensor, list[Sample]]:
-    """Backbone features ``[1 + V, N_ok, F]`` (view 0 clean, views 1..V augmented) for a domain's images.
+    """Backbone features ``[1 + V, N_ok, F]`` (view 0 clean, views 1..V augmented) for a domain's images;
+    with ``split`` (partial mode) the lower part's flattened maps ``[1 + V, N_ok, C·h·w]`` instead.
 
     Cached (fp16, atomic) under ``cache_root/<key>.pt`` and returned as the fp16 values (so a fresh build
-    and a later load give the same numbers); unreadable images are dropped (and warned about) so the
-    returned sample list matches the rows. Each image is decoded once for all its views
-    (:func:`extract_views`); on CPU the backbone runs under ONNX Runtime when it can
-    (:func:`~cdretrieval.models.runtime.frozen_forward`).
+    and a later load give the same numbers; float32 for features, fp16 for maps, which are larger);
+    unreadable images are dropped (and warned about) so the returned sample list matches the rows. Each
+    image is decoded once for all its views (:func:`extract_views`); on CPU the network runs under ONNX
+    Runtime when it can (:func:`~cdretrieval.models.runtime.frozen_forward`).
     """
-    key = feature_cache_key(cfg, samples)
+    key = feature_cache_key(cfg, samples, "partial" if split is not None else "frozen")
     path = cache_root / f"{key}.pt"
     if path.is_file():
         try:
             blob = torch_load(path)
             kept = [samples[i] for i in blob["kept"].tolist()]
-            return blob["features"].float(), kept
+            return (blob["features"] if split is not None else blob["features"].float()), kept
         except Exception as e:  # a corrupt cache is rebuilt, never trusted
             warnings.warn(f"feature cache {path} unreadable ({e}); rebuilding", stacklevel=2)
-    backbone = encoder.backbone.eval()
+    encoder.backbone.eval()
+    backbone: nn.Module = encoder.backbone if split is None else split.lower.eval()
     forward = frozen_forward(backbone, cfg.data.image_size, device)
     desc = f"{domain}: {1 + cfg.train.cached_views} views"
     if forward.runtime == "onnxruntime":
@@ -407,7 +419,26 @@ def build_feature_cache(
     kept_idx = got.indices.tolist()
     feats = got.features.half()  # [1+V, N, F]
     atomic_torch_save({"features": feats, "kept": got.indices.clone(), "format": FEATURE_CACHE_FORMAT}, path)
-    return feats.float(), [samples[i] for i in kept_idx]
+    return (feats if split is not None else feats.float()), [samples[i] for i in kept_idx]
+
+
+class CachedInputModel(nn.Module):
+    """What trains on cached inputs: ``[B, F_in]`` → head output ``[B, dim]`` (not normalised).
+
+    Frozen mode: ``F_in`` = pooled backbone features, the model is the head. Partial mode: ``F_in`` = the lower
+    part's flattened maps, the model is ``head(upper(x))``.
+    """
+
+    def __init__(self, head: nn.Module, upper: nn.Module | None = None):
+        super().__init__()
+        self.head = head
+        self.upper = upper
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if self.upper is not None:
+            x = self.upper(x)
+        return self.head(x)
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -499,6 +530,7 @@ class Trainer:
         init_distributed(self.device)
         _seed_everything(cfg.train.seed)
         self.mode = resolve_mode(cfg, self.device)
+        self.split: BackboneSplit | None = None
         self.feature_cache = Path(feature_cache) if feature_cache else cache_dir() / "features"
 
         if not cfg.data.root:
@@ -517,7 +549,9 @@ class Trainer:
         self.mim = MutualInformation(
             k_joint, momentum=None, w_sample=cfg.losses.mim_entropy_weight, w_marginal=cfg.losses.mim_diversity_weight
         ).to(self.device)
-        self.model: nn.Module = self.encoder.head if self.mode == "frozen" else self.encoder
+        self.model: nn.Module = self.encoder
+        if self.mode in CACHED_MODES:
+            self.model = CachedInputModel(self.encoder.head, self.split.upper if self.split is not None else None)
         self.ddp_model: nn.Module = self.model
         if world_size() > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model)
@@ -535,26 +569,31 @@ class Trainer:
     # ---- set-up
 
     def _prepare_inputs(self) -> None:
-        """Frozen: cache backbone features. Finetune: drop unreadable images up front (bank fill pass)."""
+        """Frozen/partial: cache backbone features (lower maps). Finetune: drop unreadable images up front."""
         self.cache: dict[str, Tensor] = {}
-        if self.mode == "frozen":
+        if self.mode in CACHED_MODES:
             for p in self.encoder.backbone.parameters():
                 p.requires_grad_(False)
+            if self.mode == "partial":
+                self.split = split_backbone(self.encoder.backbone, self.cfg.train.trainable_units,
+                                            self.cfg.data.image_size)
+                for p in self.split.upper.parameters():
+                    p.requires_grad_(True)
             root = self.feature_cache
             if rank() == 0:
                 missing = [d for d, s in self.samples.items()
-                           if not (root / f"{feature_cache_key(self.cfg, s)}.pt").is_file()]
+                           if not (root / f"{feature_cache_key(self.cfg, s, self.mode)}.pt").is_file()]
                 if missing and self.progress:
                     views = 1 + self.cfg.train.cached_views
                     n = sum(len(self.samples[d]) for d in missing)
                     tqdm.write(f"caching backbone features once ({views} views of {n} images in {', '.join(missing)}) "
                                f"under {root}; later runs with the same data and settings reuse them")
                 for d, s in self.samples.items():
-                    build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, self.progress)
+                    build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, self.progress, self.split)
             if world_size() > 1:
                 dist.barrier()
             for d, s in list(self.samples.items()):
-                feats, kept = build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, False)
+                feats, kept = build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, False, self.split)
                 self.cache[d] = feats.to(self.device)
                 self.samples[d] = kept
 
@@ -562,7 +601,7 @@ class Trainer:
         t = self.cfg.train
         head = [p for p in self.encoder.head.parameters() if p.requires_grad]
         groups: list[dict[str, Any]] = [{"params": head, "lr": t.lr}]
-        if self.mode == "finetune":
+        if self.mode in ("finetune", "partial"):
             bb = [p for p in self.encoder.backbone.parameters() if p.requires_grad]
             groups.append({"params": bb, "lr": t.lr * t.backbone_lr_scale})
         if t.optimizer == "sgd":
@@ -574,9 +613,8 @@ class Trainer:
         """A full forward pass of every image (clean view) into its domain's bank (CDS/PCS practice)."""
         self.encoder.eval()
         for d in self.domains:
-            if self.mode == "frozen":
-                feats = self.cache[d][0]
-                emb = torch.cat([self.encoder.project(feats[i : i + 4096]) for i in range(0, len(feats), 4096)])
+            if self.mode in CACHED_MODES:
+                emb = self.embed_cached(self.cache[d][0])
                 self.banks.fill(d, torch.arange(len(emb), device=self.device), emb)
             else:
                 cl = use_channels_last(self.device, self.cfg.model.backbone)
@@ -587,6 +625,12 @@ class Trainer:
                 )
                 warn_skipped(got.bad, f"domain {d}")
                 self.banks.fill(d, got.indices.to(self.device), got.features.to(self.device))
+
+    @torch.no_grad()
+    def embed_cached(self, x: Tensor, chunk: int = 1024) -> Tensor:
+        """Cached inputs ``[N, F_in]`` (frozen/partial mode) → L2-normalised embeddings ``[N, dim]`` (eval mode)."""
+        self.model.eval()
+        return torch.cat([F.normalize(self.model(x[i : i + chunk]), dim=1) for i in range(0, len(x), chunk)])
 
     # ---- one step
 
@@ -606,10 +650,10 @@ class Trainer:
         return plan
 
     def _forward(self, d: str, idx: Tensor, views: Tensor | None, images: Tensor | None) -> Tensor:
-        if self.mode == "frozen":
+        if self.mode in CACHED_MODES:
             assert views is not None
-            x = self.cache[d][views, idx]  # [b, F]
-            return F.normalize(self.ddp_model(x.float()), dim=1)
+            x = self.cache[d][views, idx]  # [b, F_in]
+            return F.normalize(self.ddp_model(x), dim=1)
         assert images is not None
         with autocast(self.device, self.amp):
             out = self.ddp_model(images)
@@ -621,8 +665,8 @@ class Trainer:
     ) -> dict[str, float]:
         """One optimisation step on this rank's shard ``idx`` (domain → ``[b]``); returns the loss terms."""
         self.ddp_model.train()
-        if self.mode == "frozen":
-            self.encoder.backbone.eval()
+        if self.mode in CACHED_MODES:
+            self.encoder.backbone.eval()  # partial: trained units keep their BN statistics, no drop-connect
         feats = {
             d: self._forward(d, idx[d], views[d] if views else None, images[d] if images else None)
             for d in self.domains
@@ -667,7 +711,7 @@ class Trainer:
         for s in bar:
             idx = {d: plan[d][s][r::w].to(self.device) for d in self.domains}
             views = images = None
-            if self.mode == "frozen":
+            if self.mode in CACHED_MODES:
                 nv = cfg.train.cached_views
                 views = {d: torch.randint(1, nv + 1, (cfg.train.batch_size,), generator=g)[r::w].to(self.device)
                          for d in self.domains}

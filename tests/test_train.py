@@ -6,14 +6,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from cdretrieval.config import RunConfig
+from cdretrieval.data.images import load_image
+from cdretrieval.data.transforms import eval_transform
 from cdretrieval.errors import CheckpointError, DataError
+from cdretrieval.models.encoder import build_encoder
 from cdretrieval.run import load_checkpoint, load_encoder
-from cdretrieval.train import Trainer, active_terms, build_feature_cache, feature_cache_key, pretrain
+from cdretrieval.train import Prototypes, Trainer, active_terms, build_feature_cache, feature_cache_key, pretrain
 
 
 def _free_port() -> int:
@@ -71,8 +75,9 @@ def test_loss_goes_down_on_demo_data(demo_root: Path, tmp_path: Path, feature_ca
         assert last[term] < first[term], (term, first[term], last[term])
 
 
-def test_resume_gives_the_same_next_step(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
-    cfg = _cfg(demo_root, epochs=3, steps_per_epoch=4)
+@pytest.mark.parametrize("mode", ["frozen", "partial"])
+def test_resume_gives_the_same_next_step(demo_root: Path, tmp_path: Path, feature_cache: Path, mode: str) -> None:
+    cfg = _cfg(demo_root, epochs=3, steps_per_epoch=4, mode=mode)
     full = pretrain(cfg, tmp_path / "full", progress=False, feature_cache=feature_cache)
     part = Trainer(cfg, tmp_path / "part", progress=False, feature_cache=feature_cache)
     part.fit(stop_after_epochs=2)  # "interrupted" after 2 epochs; checkpoint on disk
@@ -87,9 +92,54 @@ def test_resume_gives_the_same_next_step(demo_root: Path, tmp_path: Path, featur
     assert cfg2 == cfg and enc.dim == 32
     with pytest.raises(CheckpointError, match="already holds a run"):
         pretrain(cfg, tmp_path / "full", progress=False, feature_cache=feature_cache)
-    other = _cfg(demo_root, epochs=3, steps_per_epoch=4, lr=0.5)
+    other = _cfg(demo_root, epochs=3, steps_per_epoch=4, lr=0.5, mode=mode)
     with pytest.raises(CheckpointError, match="another config"):
         pretrain(other, tmp_path / "full", resume=True, progress=False, feature_cache=feature_cache)
+
+
+def test_partial_mode_trains_exactly_the_top_units(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
+    cfg = _cfg(demo_root, epochs=2, mode="partial", trainable_units=2)
+    tr = Trainer(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
+    assert tr.split is not None and tr.split.map_shape == (192, 2, 2)  # Lite0 at 64 px, below its last block
+    d = tr.domains[0]
+    assert tr.cache[d].shape[0] == 1 + cfg.train.cached_views and tr.cache[d].shape[2] == tr.split.map_dim
+    before = {n: t.clone() for n, t in tr.encoder.state_dict().items()}
+    tr.fill_banks()
+    idx = {d: torch.arange(cfg.train.batch_size) for d in tr.domains}
+    views = {d: torch.ones(cfg.train.batch_size, dtype=torch.long) for d in tr.domains}
+    tr.train_step(idx, Prototypes(), {"instance": 1.0, "cross_instance": 0.5}, views)
+    trainable = {id(p) for p in tr.split.upper.parameters()} | {id(p) for p in tr.encoder.head.parameters()}
+    net: Any = tr.encoder.backbone.body.net
+    assert trainable - {id(p) for p in tr.encoder.head.parameters()} == {
+        id(p) for m in (net._blocks[15], net._conv_head, net._bn1) for p in m.parameters()
+    }
+    for name, p in tr.encoder.named_parameters():
+        assert (p.grad is not None) == (id(p) in trainable), name
+        assert p.requires_grad == (id(p) in trainable), name
+    for name, p in tr.encoder.named_parameters():  # the step moved exactly the trainable weights
+        assert torch.equal(p, before[name]) != (id(p) in trainable), name
+    for name, t in tr.encoder.state_dict().items():  # BatchNorm statistics stay (eval mode)
+        if "running_" in name or "num_batches" in name:
+            assert torch.equal(t, before[name]), name
+
+
+def test_partial_mode_cache_reproduces_the_network(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
+    """The cached clean maps through the trained top give what the whole (uncached) network gives."""
+    cfg = _cfg(demo_root, epochs=1, steps_per_epoch=2, mode="partial")
+    r = pretrain(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
+    assert r.mode == "partial"
+    tr = Trainer(cfg, tmp_path / "again", progress=False, feature_cache=feature_cache)  # cache read back
+    enc, _ = load_encoder(tmp_path / "run")
+    tr.encoder.load_state_dict(enc.state_dict())
+    d = tr.domains[0]
+    cached = tr.embed_cached(tr.cache[d][0][:20])
+    t = eval_transform(cfg.data.image_size)
+    x = torch.stack([t(load_image(s.path)) for s in tr.samples[d][:20]])
+    with torch.no_grad():
+        direct = enc.eval()(x)
+    assert (cached * direct).sum(1).min() > 0.999  # fp16 maps and ONNX Runtime vs PyTorch: cosine ≈ 1
+    assert not torch.allclose(enc.backbone.state_dict()["body.net._conv_head.weight"],
+                              build_encoder().backbone.state_dict()["body.net._conv_head.weight"])
 
 
 @pytest.mark.parametrize("clustering", ["kmeans", "sinkhorn"])
@@ -166,9 +216,10 @@ def test_corrupt_images_are_skipped_and_counted(demo_root: Path, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
+@pytest.mark.parametrize("mode", ["frozen", "partial"])
+def test_ddp_two_processes_match_one(demo_root: Path, tmp_path: Path, feature_cache: Path, mode: str) -> None:
     """torchrun with 2 gloo processes (each half of every batch) == 1 process on the whole batch."""
-    cfg = _cfg(demo_root, epochs=2, steps_per_epoch=3)
+    cfg = _cfg(demo_root, epochs=2, steps_per_epoch=3, mode=mode)
     cfg.train.optimizer = "sgd"
     cfg.train.lr = 0.05
     cfg_path = tmp_path / "cfg.yaml"

@@ -11,8 +11,11 @@ Every backbone takes images in [0, 1] and applies its own normalisation, so tran
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +45,21 @@ class Backbone(nn.Module):
         x = (x - self.mean) / self.std
         return torch.flatten(self.body(x), 1)
 
+    def units(self) -> list[nn.Module]:
+        """The body as a chain of units whose composition, then global average pooling, is the body.
+
+        Lite0: stem, its 16 MBConv blocks, the conv head (18 units). ResNet: stem, layer1..layer4 (5 units).
+        The units share their parameters with the body; :func:`split_backbone` cuts the chain.
+        """
+        body = self.body
+        if isinstance(body, _LiteBody):
+            net: Any = body.net
+            return [nn.Sequential(net._conv_stem, net._bn0, net._swish), *net._blocks,
+                    nn.Sequential(net._conv_head, net._bn1, net._swish)]
+        net = body
+        return [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2, net.layer3,
+                net.layer4]
+
 
 class _LiteBody(nn.Module):
     """EfficientNet-Lite0 without its classifier: conv features → global average pool."""
@@ -53,6 +71,79 @@ class _LiteBody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.net.extract_features(x))  # type: ignore[operator]
+
+
+class _Lower(nn.Module):
+    """The frozen lower part: ``[B,3,S,S]`` in [0,1] → flattened feature maps ``[B, C·h·w]``.
+
+    Flat output so that it caches and exports (ONNX Runtime) exactly like pooled features.
+    """
+
+    def __init__(self, backbone: Backbone, units: list[nn.Module]):
+        super().__init__()
+        self.units = nn.Sequential(*units)
+        self.register_buffer("mean", backbone.mean.clone(), persistent=False)
+        self.register_buffer("std", backbone.std.clone(), persistent=False)
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.units((x - self.mean) / self.std), 1)
+
+
+class _Upper(nn.Module):
+    """The trainable top: flattened maps ``[B, C·h·w]`` → pooled features ``[B, F]``."""
+
+    def __init__(self, units: list[nn.Module], map_shape: tuple[int, int, int]):
+        super().__init__()
+        self.units = nn.Sequential(*units)
+        self.map_shape = map_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.units(x.view(x.shape[0], *self.map_shape))  # [B, C', h', w']
+        return y.mean(dim=(2, 3))  # global average pooling, as both bodies end with
+
+
+@dataclass(eq=False)
+class BackboneSplit:
+    """A backbone cut into a frozen ``lower`` and a trainable ``upper`` part: ``upper(lower(x)) == backbone(x)``.
+
+    ``upper`` shares its parameters with the backbone (training it trains the backbone); ``lower`` holds the
+    remaining units (also shared) and is meant to run once per image, cached.
+    """
+
+    lower: nn.Module  # [B,3,S,S] → [B, C·h·w]
+    upper: nn.Module  # [B, C·h·w] → [B, F]
+    map_shape: tuple[int, int, int]  # (C, h, w) at the cut
+    trainable_units: int
+
+    @property
+    def map_dim(self) -> int:
+        return int(math.prod(self.map_shape))
+
+
+def split_backbone(backbone: Backbone, trainable_units: int, image_size: int) -> BackboneSplit:
+    """Cut ``backbone`` so that its top ``trainable_units`` units (:meth:`Backbone.units`) form ``upper``.
+
+    Args:
+        trainable_units: 1 … (number of units − 1); Lite0: 1 = conv head, 2 = + last MBConv block, …;
+            ResNet: 1 = layer4, 2 = + layer3.
+        image_size: input side ``S``; fixes the map shape at the cut (probed once with a blank image).
+    """
+    units = backbone.units()
+    if not 1 <= trainable_units < len(units):
+        raise ValueError(f"{backbone.name}: trainable_units must be in [1, {len(units) - 1}], got {trainable_units}")
+    lower = _Lower(backbone, units[:-trainable_units])
+    modes = {m: m.training for m in lower.modules()}
+    lower.eval()  # the probe must not touch BatchNorm statistics
+    p = next(backbone.parameters())
+    with torch.no_grad():
+        c_h_w = lower.units(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).shape[1:]
+    for m, was_training in modes.items():
+        m.training = was_training
+    shape = (int(c_h_w[0]), int(c_h_w[1]), int(c_h_w[2]))
+    return BackboneSplit(lower, _Upper(units[-trainable_units:], shape), shape, trainable_units)
 
 
 def _load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from cdretrieval.data.folders import scan_domain
 from cdretrieval.data.images import load_image
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.errors import CheckpointError
-from cdretrieval.models.backbones import build_backbone, lite0_weights_path
+from cdretrieval.models.backbones import build_backbone, lite0_weights_path, split_backbone
 from cdretrieval.models.encoder import build_encoder, state_dict_hash
 
 
@@ -100,3 +100,30 @@ def test_encoder_normalised_and_hash_tracks_weights() -> None:
     with torch.no_grad():
         enc.head.net[0].weight[0, 0] += 1  # first Linear of the head
     assert state_dict_hash(enc) != h
+
+
+@pytest.mark.parametrize(("name", "units", "shape"), [
+    ("efficientnet_lite0", 1, (320, 2, 2)), ("efficientnet_lite0", 2, (192, 2, 2)),
+    ("efficientnet_lite0", 6, (112, 4, 4)), ("resnet18", 1, (256, 4, 4)), ("resnet18", 2, (128, 8, 8)),
+])
+def test_split_backbone_reproduces_the_backbone(name: str, units: int, shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    bb = build_backbone(name, weights="default" if name == "efficientnet_lite0" else "none")
+    bb.train()  # the split's probe must leave every mode (and BatchNorm statistic) as it found it
+    stats = {k: v.clone() for k, v in bb.state_dict().items()}
+    split = split_backbone(bb, units, 64)
+    assert all(m.training for m in bb.modules()) and split.map_shape == shape
+    for k, v in bb.state_dict().items():
+        assert torch.equal(v, stats[k]), k
+    bb.eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        maps = split.lower(x)
+        assert maps.shape == (3, split.map_dim)
+        torch.testing.assert_close(split.upper(maps), bb(x), rtol=1e-5, atol=1e-5)
+    # upper shares the backbone's parameters: training it trains the backbone
+    ids = {id(p) for p in bb.parameters()}
+    assert {id(p) for p in split.upper.parameters()} <= ids and {id(p) for p in split.lower.parameters()} <= ids
+    assert not {id(p) for p in split.upper.parameters()} & {id(p) for p in split.lower.parameters()}
+    with pytest.raises(ValueError, match="trainable_units"):
+        split_backbone(bb, len(bb.units()), 64)
