@@ -3,7 +3,11 @@
 What a client of the server can reach:
 
 * the page, its assets and the ``/search`` API (behind ``auth`` when set);
-* result thumbnails and uploads, which Gradio keeps in its own cache folder under random hash names;
+* uploads, which Gradio keeps in its own cache folder under random hash names;
+* result thumbnails and other images the page generates (the query made of an example), written by the app
+  as content-named PNG files in ``<folder>/generated/`` (:meth:`ServedFiles.subfolder`,
+  :class:`app.ui.ImageFiles`: each written once, atomically, never rewritten) and copied by Gradio into its
+  cache;
 * exactly the *indexed image files* (:class:`ServedFiles`, the set computed by :func:`served_files`: each
   file itself, links resolved), each sent from a copy (a hard link where possible) that the server makes on
   first use in a private folder of its own — the only entry of Gradio's ``allowed_paths``, so that Gradio's
@@ -218,6 +222,16 @@ class ServedFiles:
             staging.unlink(missing_ok=True)
         return final
 
+    def subfolder(self, name: str) -> Path:
+        """``<folder>/<name>``, made if missing: a place for files the app generates and the server sends (the
+        result thumbnails: :class:`app.ui.ImageFiles`). ``name`` is a plain name that cannot be the hash
+        folder of an indexed file's copy (16 hex digits). Everything put there is reachable by clients."""
+        if not name or name in (".", "..") or "/" in name or os.sep in name or _is_copy_folder_name(name):
+            raise ValueError(f"not a subfolder name for generated files: {name!r}")
+        sub = self.folder / name
+        sub.mkdir(exist_ok=True)
+        return sub
+
     def close(self) -> None:
         """Remove the folder of copies (idempotent); :meth:`serve` then returns None."""
         self._cleanup()
@@ -227,6 +241,11 @@ class ServedFiles:
 
     def __repr__(self) -> str:
         return f"ServedFiles({len(self.files)} files, folder={str(self.folder)!r})"
+
+
+def _is_copy_folder_name(name: str) -> bool:
+    """Whether ``name`` has the form of :meth:`ServedFiles._materialise`'s folders (16 hex digits)."""
+    return len(name) == 16 and all(c in "0123456789abcdef" for c in name)
 
 
 def _same_file(original: Path, copy: Path) -> bool:

@@ -8,10 +8,12 @@ Page (top to bottom on a phone, two columns on a desktop):
 * a status line — what was searched ("detected: ink (0.97)", the domains searched) or what went wrong; an
   error stays there until the next search (no fading toasts);
 * the results — thumbnails ranked by per-domain calibrated score (:func:`cdretrieval.retrieval.merge_calibrated`),
-  captions ``domain · class · cosine`` under the image; clicking one opens it full size (the original
-  indexed file — the server's copy of it, :class:`app.server.ServedFiles` — downloadable under its own
-  name; its decoded pixels and no download when the server sends no files) with a **More like this**
-  button that searches with it (its domain known); the results as CSV or JSON downloads; the raw JSON;
+  captions ``domain · class · cosine`` under the image (files the app writes once each, :class:`ImageFiles`,
+  when the server sends files; never PIL images that Gradio would rewrite in place while sending them);
+  clicking one opens it full size (the original indexed file — the server's copy of it,
+  :class:`app.server.ServedFiles` — downloadable under its own name; its decoded pixels and no download when
+  the server sends no files) with a **More like this** button that searches with it (its domain known); the
+  results as CSV or JSON downloads; the raw JSON;
 * labelled example queries (``domain · class``) from the indexed images: a click searches with one;
 * a collapsed "Model and index" panel (paths relative to the data root / run, never absolute server paths).
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -317,33 +320,116 @@ def _placeholder(size: int = THUMBNAIL_PX, grey: int = 200) -> Image.Image:
     return Image.new("RGB", (size, size), (grey, grey, grey))
 
 
-class ThumbnailCache:
-    """Small RGB thumbnails of indexed images, kept in memory (LRU); a missing file gets a grey tile."""
+class ImageFiles:
+    """Images the app generates (result thumbnails, the query made of an indexed image), as PNG files that
+    Gradio sends — never as PIL images handed to Gradio.
 
-    def __init__(self, size: int = THUMBNAIL_PX, capacity: int = _THUMB_CACHE_SIZE) -> None:
+    Why: Gradio saves a returned PIL image (or array) to a file named by the hash of its bytes and writes that
+    file *in place* every time; two searches returning the same thumbnail then rewrote the file while another
+    request was sending it, and the client got a cut answer (``peer closed connection without sending complete
+    message body``; server: ``Too little data for declared Content-Length``) — issue 14. Here each image is
+    named by the sha256 of its PNG bytes, written once under a unique temporary name in the same folder and
+    renamed into place (``os.replace``); a file that exists is reused, never truncated or rewritten, so a
+    reader always sees the one complete file. Gradio copies a returned path into its cache the same way
+    (staged, then renamed).
+
+    Disk use is bounded by the index: the images written are one thumbnail per indexed item shown, one grey
+    tile, and one decoded copy per indexed item used as a query; the same image is written once. The folder
+    is one the server sends from (:meth:`app.server.ServedFiles.subfolder`) and goes with it.
+    """
+
+    SUFFIX = ".png"
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # check-then-rename of a final name: one writer at a time
+
+    def path(self, img: Image.Image) -> Path:
+        """The file of ``img`` (PNG), written if it is not there yet. Raises OSError (disk full, folder gone)."""
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return self.write(buf.getvalue())
+
+    def write(self, data: bytes) -> Path:
+        """``<folder>/<sha256(data)[:32]>.png``: written atomically the first time, afterwards reused as it is."""
+        final = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}{self.SUFFIX}"
+        if final.is_file():  # complete (only ever renamed into place) and never rewritten
+            return final
+        staging = self.folder / f".{uuid.uuid4().hex}.part"  # unique: concurrent writers never share one
+        try:
+            with open(staging, "xb") as f:
+                f.write(data)
+            with self._lock:
+                if not final.exists():  # another thread may have published it meanwhile: keep that file
+                    os.replace(staging, final)
+        finally:
+            staging.unlink(missing_ok=True)
+        return final
+
+
+class ThumbnailCache:
+    """Small RGB thumbnails of indexed images (LRU, ``capacity`` entries); a missing file gets a grey tile.
+
+    Without ``files``: the thumbnails are kept in memory as PIL images (:meth:`get`, and :meth:`tile`).
+    With ``files`` (:class:`ImageFiles`): :meth:`tile` gives the path of the thumbnail's file, written once;
+    only the paths are kept in memory.
+    """
+
+    def __init__(
+        self, size: int = THUMBNAIL_PX, capacity: int = _THUMB_CACHE_SIZE, files: ImageFiles | None = None
+    ) -> None:
         self.size = size
         self.capacity = capacity
+        self.files = files
         self._items: OrderedDict[str, Image.Image] = OrderedDict()
+        self._paths: OrderedDict[str, str] = OrderedDict()  # indexed image → its thumbnail file (with files)
         self._lock = threading.Lock()  # searches run in several worker threads
 
+    def _make(self, path: str) -> Image.Image:
+        try:
+            img = load_image(path)
+            img.thumbnail((self.size, self.size), Image.Resampling.LANCZOS)
+            return img
+        except CDRetrievalError as e:
+            logger.warning("cannot make a thumbnail of an indexed image: %s", e)
+            return _placeholder(self.size)
+
     def get(self, path: str) -> Image.Image:
+        """The thumbnail's pixels (kept in memory)."""
         with self._lock:
             thumb = self._items.get(path)
             if thumb is not None:
                 self._items.move_to_end(path)
                 return thumb
-        try:
-            img = load_image(path)
-            img.thumbnail((self.size, self.size), Image.Resampling.LANCZOS)
-            thumb = img
-        except CDRetrievalError as e:
-            logger.warning("cannot make a thumbnail of an indexed image: %s", e)
-            thumb = _placeholder(self.size)
+        thumb = self._make(path)
         with self._lock:
             self._items[path] = thumb
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return thumb
+
+    def tile(self, path: str) -> str | Image.Image:
+        """What a gallery shows for ``path``: the thumbnail's file with ``files``, else its pixels (also when
+        the file cannot be written: logged)."""
+        if self.files is None:
+            return self.get(path)
+        with self._lock:
+            file = self._paths.get(path)
+            if file is not None:
+                self._paths.move_to_end(path)
+                return file
+        thumb = self._make(path)
+        try:
+            file = str(self.files.path(thumb))
+        except OSError as e:
+            logger.warning("cannot write a thumbnail file: %s", e)
+            return thumb
+        with self._lock:
+            self._paths[path] = file
+            while len(self._paths) > self.capacity:
+                self._paths.popitem(last=False)
+        return file
 
 
 def _relative_to(path: str | None, base: str | None) -> str | None:
@@ -475,6 +561,9 @@ class SearchService:
         served: the indexed files the server sends as files (:class:`app.server.ServedFiles`: a preview or
             download gets the copy it makes in its one allowed folder); an indexed file it refuses is
             previewed from its decoded pixels, without a download. None: no file is sent as it is.
+            With ``served``, every image the page gets from this service is a file: thumbnails and other
+            generated images are written once, atomically, to ``served.subfolder("generated")``
+            (:class:`ImageFiles`) and handed to Gradio by path. Without it they are PIL images.
     """
 
     def __init__(self, retriever: Retriever, max_upload_mb: int = 10, served: ServedFiles | None = None) -> None:
@@ -486,14 +575,15 @@ class SearchService:
         info = retriever.info()
         root = info.get("data_root") or info.get("data root")
         self.data_root = str(root) if root else None
-        self.thumbnails = ThumbnailCache()
+        self.images = ImageFiles(served.subfolder("generated")) if served is not None else None
+        self.thumbnails = ThumbnailCache(files=self.images)
         self.files = ResultFiles()
         self.served = served
 
     # -- searching ------------------------------------------------------------------------------------
     def search(
         self, query: Image.Image, source: str | None, targets: Sequence[str] | None, k: Any, query_name: str = "query"
-    ) -> tuple[list[tuple[Image.Image, str]], dict[str, Any], list[SearchResult]]:
+    ) -> tuple[list[tuple[str | Image.Image, str]], dict[str, Any], list[SearchResult]]:
         """``(gallery, payload, results)`` of one query (see the module docstring for the payload)."""
         kk = check_k(k)
         src, tgts = resolve_domains(self.domains, source, targets)
@@ -526,7 +616,7 @@ class SearchService:
 
     def api_search(
         self, image_file: str | None, source_domain: str, target_domains: list[str] | None, k: float
-    ) -> tuple[list[tuple[Image.Image, str]], dict[str, Any]]:
+    ) -> tuple[list[tuple[str | Image.Image, str]], dict[str, Any]]:
         """The ``/search`` endpoint: errors raise ``gr.Error`` (the client's ``AppError``)."""
         try:
             query = load_upload(image_file, self.max_bytes)
@@ -597,12 +687,24 @@ class SearchService:
         label = f"{UPLOADED} **{_md_escape(name)}**"
         return gr.skip(), f"Ready: {label} — press **Search**.", label
 
-    def _thumbnail(self, path: str) -> Image.Image:
-        """The thumbnail of an indexed image; a grey tile for one that must not be shown (a link out of the
-        data root) — its pixels never reach a client."""
+    def as_file(self, img: Image.Image) -> str | Image.Image:
+        """A generated image as the page gets it: the path of its file (:class:`ImageFiles`) when the server
+        sends files, else (or when the file cannot be written: logged) the image itself."""
+        if self.images is None:
+            return img
+        try:
+            return str(self.images.path(img))
+        except OSError as e:
+            logger.warning("cannot write an image file: %s", e)
+            return img
+
+    def _thumbnail(self, path: str) -> str | Image.Image:
+        """The thumbnail of an indexed image (its file when the server sends files, see :meth:`as_file`); a
+        grey tile for one that must not be shown (a link out of the data root) — its pixels never reach a
+        client."""
         if self.retriever.resolve_item_path(path) is None:
-            return _placeholder(self.thumbnails.size)
-        return self.thumbnails.get(path)
+            return self.as_file(_placeholder(self.thumbnails.size))
+        return self.thumbnails.tile(path)
 
     def query_from_item(self, path: str, domain: str, label: str | None, kind: str) -> tuple[Any, ...]:
         """Values for ``[upload, source, targets, tabs, mode, query_name]`` that make an indexed image the query."""
@@ -612,7 +714,8 @@ class SearchService:
         except CDRetrievalError:
             img = None
         name = f"{kind} **{_md_escape(short_label(domain, label))}** (`{display_file(path, self.data_root)}`)"
-        return img, domain, [], gr.Tabs(selected="upload"), "upload", name
+        query = self.as_file(img) if img is not None else None  # a lossless PNG of its pixels, written once
+        return query, domain, [], gr.Tabs(selected="upload"), "upload", name
 
     def select_result(self, rows: list[dict[str, Any]] | None, evt: gr.SelectData) -> tuple[Any, ...]:
         """A result was clicked: show the original full size. Values for ``[preview_box, preview_image,
@@ -635,7 +738,7 @@ class SearchService:
             download = gr.DownloadButton(label=f"Download {copy.name}", value=str(copy), visible=True)
         else:  # not sent as a file: show the decoded pixels, offer no download
             try:
-                image = load_image(stored)
+                image = self.as_file(load_image(stored))
             except CDRetrievalError:
                 image = None
             download = gr.DownloadButton(visible=False)
@@ -647,7 +750,8 @@ class SearchService:
         return self.served.serve(path) if self.served is not None else None
 
     def example_tile(self, path: str) -> str | Image.Image:
-        """What an example tile shows: the served copy of the indexed image, else its thumbnail's pixels."""
+        """What an example tile shows: the served copy of the indexed image, else its thumbnail (file or
+        pixels, as :meth:`_thumbnail`)."""
         copy = self.served_copy(path)
         return str(copy) if copy is not None else self._thumbnail(path)
 
@@ -825,6 +929,7 @@ __all__ = [
     "K_MAX",
     "K_MIN",
     "Example",
+    "ImageFiles",
     "QueryInputError",
     "ResultFiles",
     "SearchService",

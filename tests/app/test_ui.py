@@ -409,9 +409,11 @@ def test_result_preview_downloads_and_more_like_this(served: Served, tmp_path: P
     retriever = Retriever.from_run(served.run, device="cpu")
     service = SearchService(retriever, served=served.files)  # the running server's copies
     query = str(_query_file(served.data_root, "photo", "4"))
-    _, status, payload, rows, csv_btn, json_btn, _, _ = service.ui_search("upload", query, None, "auto", [],
-                                                                           6, "the uploaded image")
+    gallery, status, payload, rows, csv_btn, json_btn, _, _ = service.ui_search("upload", query, None, "auto", [],
+                                                                                 6, "the uploaded image")
     assert "detected: **photo**" in status and len(rows) == 6
+    generated = served.files.folder / "generated"  # thumbnails: files the app wrote, in the allowed folder
+    assert all(isinstance(tile, str) and Path(tile).parent == generated for tile, _ in gallery)
     with open(_file(csv_btn)) as f:  # the downloads: relative paths, as the API gives them
         table = list(csv.DictReader(f))
     assert tuple(table[0]) == CSV_COLUMNS and [r["path"] for r in table] == [r["file"] for r in payload["results"]]
@@ -424,18 +426,27 @@ def test_result_preview_downloads_and_more_like_this(served: Served, tmp_path: P
     assert served.files.folder in copy.parents and copy.read_bytes() == original.read_bytes()
     assert Path(_file(download)).read_bytes() == original.read_bytes() and download.value["orig_name"] == original.name
     assert download.label == f"Download {original.name}" and f"#3** · {rows[2]['domain']}" in text
-    nothing = ServedFiles([])  # the server sends no file: pixels only, no download
+    nothing = ServedFiles([])  # the server sends no original: its pixels only, no download
     try:
-        for outside in (SearchService(retriever), SearchService(retriever, served=nothing)):
-            _, image, _, download, _ = outside.select_result(rows, gr.SelectData(None, {"index": 2, "value": None}))
-            assert isinstance(image, Image.Image) and download.visible is False
+        _, image, _, download, _ = SearchService(retriever).select_result(
+            rows, gr.SelectData(None, {"index": 2, "value": None}))
+        assert isinstance(image, Image.Image) and download.visible is False  # no served folder: a PIL image
+        _, image, _, download, _ = SearchService(retriever, served=nothing).select_result(
+            rows, gr.SelectData(None, {"index": 2, "value": None}))
+        assert isinstance(image, str) and Path(image).parent == nothing.folder / "generated"  # a PNG written once
+        assert download.visible is False
+        with Image.open(image) as shown, Image.open(original) as orig:
+            assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(orig.convert("RGB")))
     finally:
         nothing.close()
 
     img, source, targets, _, mode, name = service.more_like_this(selected)
     assert source == rows[2]["domain"] and targets == [] and mode == "upload" and "result" in name
+    assert isinstance(img, str) and Path(img).parent == generated  # its decoded pixels, as a PNG written once
+    with Image.open(img) as query_png, Image.open(original) as orig:
+        assert np.array_equal(np.asarray(query_png.convert("RGB")), np.asarray(orig.convert("RGB")))
     upload = tmp_path / "again.png"
-    img.save(upload)
+    upload.write_bytes(Path(img).read_bytes())
     _, status, payload, *_ = service.ui_search("upload", str(upload), None, source, targets, 5, name)
     assert f"for the result **{rows[2]['domain']}" in status and "uploaded image" not in status
     assert payload["source"] == "given" and rows[2]["domain"] not in payload["target_domains"]
@@ -464,6 +475,86 @@ def test_thumbnails_are_small_and_missing_files_get_a_tile(served: Served, tmp_p
     assert cache.get(str(tmp_path / "gone.png")).size == (32, 32)  # a grey tile, no exception
     cache.get(str(_query_file(served.data_root)))
     assert len(cache._items) == 2
+
+
+def test_without_served_files_thumbnails_stay_images(served: Served) -> None:
+    from cdretrieval.retrieval import Retriever
+
+    service = SearchService(Retriever.from_run(served.run, device="cpu"))  # served=None: no file sent as is
+    gallery, *_ = service.search(Image.open(_query_file(served.data_root)).convert("RGB"), "photo", ["ink"], 3)
+    assert service.images is None and len(gallery) == 3
+    assert all(isinstance(tile, Image.Image) for tile, _ in gallery)
+
+
+def _stat(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _in_threads(fn: Any, n: int = 16) -> list[Any]:
+    """``fn()`` called by ``n`` threads released at once; their results."""
+    start = threading.Barrier(n)
+    out: list[Any] = [None] * n
+
+    def work(i: int) -> None:
+        start.wait()
+        out[i] = fn()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return out
+
+
+def test_concurrent_thumbnails_are_one_complete_file_written_once(served: Served, tmp_path: Path) -> None:
+    """Issue 14: many searches returning the same thumbnail at once all get the same complete file, and that
+    file is never rewritten (same inode, same modification time) while it may be read — not by more threads,
+    not after the in-memory cache forgets it, not by another cache writing the same image."""
+    import io
+
+    from app.ui import ImageFiles, ThumbnailCache
+
+    original = _query_file(served.data_root)
+    files = ImageFiles(tmp_path / "generated")
+    cache = ThumbnailCache(size=160, capacity=1, files=files)
+    got = _in_threads(lambda: cache.tile(str(original)))
+    assert len(set(got)) == 1 and isinstance(got[0], str)
+    thumb = Path(got[0])
+    assert thumb.parent == files.folder and thumb.suffix == ".png"
+    first = _stat(thumb)
+    expected = io.BytesIO()
+    cache.get(str(original)).save(expected, format="PNG")
+    assert thumb.read_bytes() == expected.getvalue()  # complete: the whole PNG of the thumbnail
+    with Image.open(thumb) as im:
+        assert max(im.size) <= 160
+
+    with open(thumb, "rb") as reader:  # a request streaming the file meanwhile
+        cache.tile(str(tmp_path / "gone.png"))  # capacity 1: the original's entry is forgotten …
+        again = _in_threads(lambda: cache.tile(str(original)))  # … and made again by 16 threads at once
+        fresh = ThumbnailCache(size=160, files=ImageFiles(files.folder))  # another cache, same folder
+        assert set(again) == {str(thumb)} and fresh.tile(str(original)) == str(thumb)
+        assert _in_threads(lambda: str(files.path(Image.open(thumb)))) == [str(thumb)] * 16
+        assert reader.read() == expected.getvalue()
+    assert _stat(thumb) == first  # never rewritten
+    assert not [p.name for p in files.folder.iterdir() if p.name.startswith(".")]  # no staging file left
+
+    other = files.path(Image.new("RGB", (8, 8), "red"))  # another image: another file
+    assert other != thumb and _stat(thumb) == first
+
+
+def test_generated_images_go_to_a_subfolder_of_the_served_folder(tmp_path: Path) -> None:
+    files = ServedFiles([])
+    try:
+        sub = files.subfolder("generated")
+        assert sub == files.folder / "generated" and sub.is_dir() and files.subfolder("generated") == sub
+        for bad in ("", ".", "..", "a/b", "0123456789abcdef"):  # the last: the form of a copy's folder
+            with pytest.raises(ValueError):
+                files.subfolder(bad)
+    finally:
+        files.close()
+    assert not files.folder.exists()
 
 
 def _serve_from_threads(files: ServedFiles, path: Path, n: int = 8) -> list[tuple[Path | None, bytes]]:

@@ -201,7 +201,9 @@ def test_an_old_index_holding_a_link_out_of_the_data_root_never_shows_it(site: S
         secret = (site.private / "secret.png").read_bytes()
         from PIL import Image
 
-        tile = service._thumbnail(link)
+        tile_file = service._thumbnail(link)  # a file the app wrote (issue 14: no PIL image handed to Gradio)
+        assert isinstance(tile_file, str) and Path(tile_file).parent == files.folder / "generated"
+        tile = Image.open(tile_file)
         assert tile.getextrema() == ((200, 200), (200, 200), (200, 200))  # the grey placeholder, not its pixels
         assert service.query_from_item(link, "photo", None, "the example")[0] is None
         assert service.example_tile(link) is not None and service.served_copy(link) is None
