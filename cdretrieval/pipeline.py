@@ -13,6 +13,10 @@ Each ``cdretrieval`` command calls exactly one function here:
 Without a run folder, embedding and evaluation use the backbone's pooled features with no adaptation
 (the ``none`` row of the README's benchmark tables).
 
+On the CPU the backbone runs under ONNX Runtime (:meth:`LoadedModel.backbone_forward`; 3–4× the eager
+PyTorch embedding pass for Lite0 at 128 px, see docs/runtime.md); ``$CDRETRIEVAL_RUNTIME=torch`` keeps
+PyTorch, CUDA always does.
+
 Embedding folder layout::
 
     RUN_DIR/embeddings/<safe domain>/<feature>[-<safe split>]/progress.json, chunk_000000.npz, ...
@@ -20,16 +24,19 @@ Embedding folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cdretrieval.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, RunConfig
@@ -40,7 +47,7 @@ from cdretrieval.data.images import is_image_file
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.device import amp_dtype, resolve_device, use_channels_last
 from cdretrieval.domain_detection import DETECTOR_FEATURES, DomainDetector
-from cdretrieval.embed import iter_extract
+from cdretrieval.embed import ExtractedBatch, iter_extract
 from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE, Chunk, ChunkStore, samples_fingerprint
 from cdretrieval.errors import CDRetrievalError, CheckpointError, DataError, IndexMismatchError, QueryError
 from cdretrieval.index import INDEX_SET_FILE, MANIFEST_FILE, IndexSet, Item, UseGpu, load_detector, safe_domain_name
@@ -48,6 +55,7 @@ from cdretrieval.io import read_json
 from cdretrieval.metrics import evaluate_domains
 from cdretrieval.models.backbones import DEFAULT_BACKBONE
 from cdretrieval.models.encoder import Encoder, build_encoder, state_dict_hash
+from cdretrieval.models.runtime import RUNTIMES, FrozenForward, frozen_forward
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams
 from cdretrieval.run import CHECKPOINT_FILE, INDEX_DIR, load_encoder, model_hash
 
@@ -66,9 +74,39 @@ ChunkCallback = Callable[[str, int, int, int], None]
 # The model that embeds
 
 
+class _BackboneForwards:
+    """The :class:`FrozenForward` of one encoder's backbone per (image side, runtime choice): each built once,
+    on first use, under a lock (concurrent callers wait for the one build). Shared by the copies
+    :meth:`LoadedModel.with_feature` makes, since every feature comes from the same backbone pass."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built: dict[tuple[int, str | None], FrozenForward] = {}
+
+    def get(
+        self, backbone: torch.nn.Module, image_size: int, device: torch.device, runtime: str | None
+    ) -> FrozenForward:
+        with self._lock:
+            fwd = self._built.get((image_size, runtime))
+            if fwd is None:
+                fwd = frozen_forward(backbone, image_size, device, runtime=runtime)
+                self._built[(image_size, runtime)] = fwd
+                logger.info("%s backbone at %d px runs on %s (%s)", type(backbone).__name__, image_size,
+                            fwd.runtime, fwd.reason)
+            return fwd
+
+
 @dataclass
 class LoadedModel:
-    """An encoder ready to embed, and what its embeddings depend on."""
+    """An encoder ready to embed, and what its embeddings depend on.
+
+    The backbone's forward pass runs through :func:`~cdretrieval.models.runtime.frozen_forward`: on the CPU an
+    ONNX Runtime graph of the backbone (exported once per weights and image side, cached, checked against
+    PyTorch), else PyTorch. The exported graph is the backbone alone (``[B, 3, S, S]`` → pooled ``[B, F]``);
+    the L2 normalisation (``backbone`` feature) and the small projection head (``head`` feature) run in
+    PyTorch fp32 on its output, so one graph serves both features, both at once (the Retriever's
+    ``extra`` feature) and the training feature cache (which exports the same backbone: same cache key).
+    """
 
     encoder: Encoder  # eval mode, on ``device``
     backbone: str
@@ -78,25 +116,62 @@ class LoadedModel:
     cache_key_hash: str  # what cached embeddings depend on (the baseline's random head is left out)
     run_dir: Path | None  # absolute; None for the baseline
     device: torch.device
-    amp: torch.dtype | None
-    channels_last: bool
+    amp: torch.dtype | None  # autocast dtype of the PyTorch path (ONNX Runtime runs fp32)
+    channels_last: bool  # input layout of the PyTorch path
     config: RunConfig | None = None
+    #: ``auto`` | ``onnxruntime`` | ``torch`` for the backbone's forward; None reads ``$CDRETRIEVAL_RUNTIME``.
+    runtime: str | None = None
+    _forwards: _BackboneForwards = field(default_factory=_BackboneForwards, init=False, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
         """Embedding dimension for ``feature``."""
         return self.encoder.output_dim(self.feature)
 
+    def backbone_forward(self) -> FrozenForward:
+        """The backbone's forward pass at ``image_size``, built on first use: under ONNX Runtime an export the
+        first time these weights and side are seen (2.5 s for Lite0 at 128 px here), afterwards loading the
+        cached graph (0.1 s for Lite0, 1 s for resnet18)."""
+        return self._forwards.get(self.encoder.backbone, self.image_size, self.device, self.runtime)
+
+    def input_settings(self) -> tuple[torch.dtype | None, bool]:
+        """``(autocast dtype, channels_last)`` for the inputs of :meth:`embed`: the model's under PyTorch,
+        ``(None, False)`` under ONNX Runtime (its graph is fp32 NCHW; anything else is only converted back)."""
+        if self.backbone_forward().runtime == "onnxruntime":
+            return None, False
+        return self.amp, self.channels_last
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B,3,H,W]`` in [0,1] → L2-normalised ``[B, dim]``."""
-        return self.encoder.embed(x, self.feature)
+        """``[B,3,H,W]`` in [0,1] → L2-normalised ``[B, dim]`` (``Encoder.embed`` through the backbone runtime)."""
+        return self.embed_features(x, (self.feature,))[0]
+
+    def embed_features(self, x: torch.Tensor, features: Sequence[str]) -> list[torch.Tensor]:
+        """Several features of ``x`` from one backbone pass: one L2-normalised ``[B, dim(feature)]`` each.
+
+        Without gradient. Under PyTorch this is exactly ``Encoder.embed`` (in the caller's autocast); under
+        ONNX Runtime the backbone's graph runs fp32 and the normalisation / head run in fp32, autocast off.
+        """
+        for feature in features:
+            _check_feature(feature)
+        fwd = self.backbone_forward()
+        onnx = fwd.runtime == "onnxruntime"
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False) if onnx else contextlib.nullcontext():
+            f = fwd(x)  # [B, F]
+            out = {}
+            if "backbone" in features:
+                out["backbone"] = F.normalize(f.float(), dim=1)
+            if "head" in features:
+                out["head"] = self.encoder.project(f)
+        return [out[feature] for feature in features]
 
     def with_feature(self, feature: str) -> LoadedModel:
-        """The same model embedding with another ``feature``."""
+        """The same model embedding with another ``feature`` (sharing the built backbone forward)."""
         _check_feature(feature)
         if feature == "head" and self.run_dir is None:
             raise CheckpointError("feature 'head' needs a trained run folder; the baseline has only 'backbone'")
-        return dataclasses.replace(self, feature=feature)
+        other = dataclasses.replace(self, feature=feature)
+        other._forwards = self._forwards
+        return other
 
 
 def check_image_size(size: Any, what: str) -> int:
@@ -124,6 +199,7 @@ def load_model(
     feature: str | None = None,
     image_size: int | None = None,
     device: str | torch.device = "auto",
+    runtime: str | None = None,
 ) -> LoadedModel:
     """The encoder of a run (``run_dir``), or the no-adaptation baseline ``backbone`` (``run_dir=None``).
 
@@ -134,7 +210,11 @@ def load_model(
         feature: ``head`` | ``backbone`` (default: the run's ``model.index_feature``; ``backbone`` without run).
         image_size: eval image side (default: the run's ``data.image_size``; 128 without a run).
         device: ``auto`` | ``cpu`` | ``cuda[:i]`` | a torch.device.
+        runtime: the backbone's runtime, ``auto`` | ``onnxruntime`` | ``torch`` (None: ``$CDRETRIEVAL_RUNTIME``,
+            default ``auto``: ONNX Runtime on the CPU when it works); see :meth:`LoadedModel.backbone_forward`.
     """
+    if runtime is not None and runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES} or None, got {runtime!r}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     cfg: RunConfig | None = None
     run: Path | None = None
@@ -177,6 +257,7 @@ def load_model(
         amp=amp_dtype(dev, precision, name),
         channels_last=channels_last,
         config=cfg,
+        runtime=runtime,
     )
 
 
@@ -274,10 +355,14 @@ def _embed_domain(
     bad: list[tuple[int, str]] = []
     seen = start
     try:
-        batches = iter_extract(
-            model.embed, samples[start:], eval_transform(model.image_size), device=model.device, amp=model.amp,
-            channels_last=model.channels_last, batch_size=batch_size, num_workers=num_workers,
-        ) if start < n else iter(())  # all on disk: no loader (its workers would start for nothing)
+        if start < n:  # the backbone's runtime decides the input settings (ONNX Runtime: fp32 NCHW)
+            amp, channels_last = model.input_settings()
+            batches: Iterator[ExtractedBatch] = iter_extract(
+                model.embed, samples[start:], eval_transform(model.image_size), device=model.device, amp=amp,
+                channels_last=channels_last, batch_size=batch_size, num_workers=num_workers,
+            )
+        else:  # all on disk: no model, no loader (its workers would start for nothing)
+            batches = iter(())
         for batch in batches:
             if len(batch.indices):
                 feats.append(batch.features)

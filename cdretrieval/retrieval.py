@@ -46,7 +46,6 @@ from typing import Any, Final, Literal, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from cdretrieval.data.folders import escapes_root
@@ -238,7 +237,10 @@ class Retriever:
 
     Build with :meth:`from_run`. Safe to share between threads: the model forward runs under a lock (CPU
     FAISS searches run concurrently; a GPU index is searched under a lock as well). Several target domains
-    are merged by calibrated score (see the module docstring).
+    are merged by calibrated score (see the module docstring). On the CPU the backbone runs under ONNX
+    Runtime (:meth:`LoadedModel.backbone_forward <cdretrieval.pipeline.LoadedModel.backbone_forward>`,
+    built on the first query; ``$CDRETRIEVAL_RUNTIME=torch`` keeps PyTorch), "auto" queries included: their
+    index and detector features come from its one pass.
 
     Args:
         model: the encoder (its ``feature`` and ``image_size`` must be those the index was built with).
@@ -343,17 +345,17 @@ class Retriever:
             empty = np.zeros((0, self.model.dim), np.float32)
             return empty, (np.zeros((0, 0), np.float32) if extra is not None else None)
         x = torch.stack([self._transform(img) for img in images])  # [Q, 3, S, S]
+        features = [self.model.feature] if extra is None or extra == self.model.feature else [self.model.feature, extra]
+        # The backbone's runtime (ONNX Runtime on the CPU, else PyTorch) is built on the first query (once,
+        # under its own lock); both features come from its one pass (LoadedModel.embed_features).
+        amp, channels_last = self.model.input_settings()
         x = x.to(self.model.device)
-        if self.model.channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self._model_lock, torch.no_grad(), autocast(self.model.device, self.model.amp):
-            if extra is None or extra == self.model.feature:
-                y = self.model.embed(x)  # [Q, D]
-                other = y if extra is not None else None
-            else:  # both features from one backbone pass (what Encoder.embed computes for either)
-                f = self.model.encoder.backbone(x)  # [Q, F]
-                outs = {"backbone": F.normalize(f.float(), dim=1), "head": self.model.encoder.project(f)}
-                y, other = outs[self.model.feature], outs[extra]
+        with self._model_lock, torch.no_grad(), autocast(self.model.device, amp):
+            outs = self.model.embed_features(x, features)  # [Q, D], ([Q, D'])
+        y = outs[0]
+        other = outs[-1] if extra is not None else None
         return y.float().cpu().numpy(), (other.float().cpu().numpy() if other is not None else None)
 
     def encode_batch(self, queries: Sequence[Query]) -> np.ndarray:

@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from cdretrieval import pipeline
+from cdretrieval.data.images import is_image_file, load_image
+from cdretrieval.data.transforms import eval_transform
 from cdretrieval.embedding_chunks import PROGRESS_FILE, Chunk, ChunkStore
 from cdretrieval.errors import CheckpointError, DataError, QueryError
 from cdretrieval.index import IndexSet
+from cdretrieval.models.runtime import RUNTIME_ENV, FrozenForward
 from cdretrieval.pipeline import (
     EMBEDDINGS_DIR,
     EmbeddedDomain,
+    LoadedModel,
     add_to_index,
     build_indexes,
     embed_domains,
     embeddings_folder,
     evaluate,
+    load_model,
 )
 from cdretrieval.retrieval import Retriever
 from cdretrieval.run import INDEX_DIR, load_encoder, model_hash
@@ -251,3 +261,102 @@ def test_evaluate_errors(demo_root: Path, tmp_path: Path) -> None:
         evaluate(tmp_path / "nope", "ink,photo", **FAST)
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate(demo_root, "ink,photo", run_dir=tmp_path / "no-run", **FAST)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The backbone's runtime: ONNX Runtime on the CPU, numerically PyTorch's
+
+
+def _real_images(root: Path, size: int, per_domain: int) -> torch.Tensor:
+    """``per_domain`` images of each domain folder of ``root``, eval-transformed: ``[N, 3, size, size]``."""
+    transform = eval_transform(size)
+    files = [f for d in sorted(p for p in root.iterdir() if p.is_dir())
+             for f in sorted(d.rglob("*"))[:200] if is_image_file(f.name)]
+    by_domain: dict[str, list[Path]] = {}
+    for f in files:
+        by_domain.setdefault(f.relative_to(root).parts[0], []).append(f)
+    picked = [f for fs in by_domain.values() for f in fs[:per_domain]]
+    return torch.stack([transform(load_image(f)) for f in picked])
+
+
+@pytest.mark.parametrize("how", ["env", "argument"])
+def test_onnxruntime_embeddings_match_pytorch(
+    tiny_run: Path, demo_root: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoadedModel.embed under ONNX Runtime vs eager PyTorch on real images: ≤ 1e-4 apart, every feature."""
+    pytest.importorskip("onnxruntime")
+    x = _real_images(demo_root, 64, per_domain=8)  # [24, 3, 64, 64]
+    models = {}
+    for runtime in ("onnxruntime", "torch"):
+        if how == "env":
+            monkeypatch.setenv(RUNTIME_ENV, runtime)
+            models[runtime] = load_model(tiny_run, device="cpu")
+            assert models[runtime].backbone_forward().runtime == runtime  # the variable is read when it is built
+        else:
+            models[runtime] = load_model(tiny_run, device="cpu", runtime=runtime)
+            assert models[runtime].backbone_forward().runtime == runtime
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    fast, eager = models["onnxruntime"], models["torch"]
+    for feature in ("head", "backbone"):
+        got, want = fast.with_feature(feature).embed(x), eager.with_feature(feature).embed(x)
+        assert got.shape == want.shape == (24, fast.encoder.output_dim(feature)) and got.dtype == torch.float32
+        assert float((got - want).abs().max()) <= 1e-4, feature
+        # the PyTorch path is Encoder.embed itself
+        assert torch.equal(want, eager.encoder.embed(x, feature).float())
+    # Both features from one pass are the features one at a time.
+    head, backbone = fast.embed_features(x, ["head", "backbone"])
+    assert torch.equal(head, fast.embed(x)) and torch.equal(backbone, fast.with_feature("backbone").embed(x))
+    assert fast.input_settings() == (None, False)  # the graph runs fp32 NCHW
+
+
+def test_onnxruntime_matches_pytorch_on_pacs(pacs_root: Path) -> None:
+    """The same contract at the default 128 px on real photos, art, cartoons and sketches (baseline Lite0)."""
+    pytest.importorskip("onnxruntime")
+    x = _real_images(pacs_root, 128, per_domain=4)
+    fast = load_model(None, device="cpu", runtime="onnxruntime")
+    eager = load_model(None, device="cpu", runtime="torch")
+    got, want = fast.embed(x), eager.embed(x)
+    assert got.shape == (16, 1280) and float((got - want).abs().max()) <= 1e-4
+
+
+def test_embedding_pass_runs_the_chosen_runtime(tiny_run: Path, small_root: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """embed_domains (the indexing / evaluation pass) under either runtime: the same embeddings to 1e-4."""
+    pytest.importorskip("onnxruntime")
+    out = {}
+    used: list[str] = []
+    original = LoadedModel.backbone_forward
+
+    def spy(self: LoadedModel) -> Any:
+        fwd = original(self)
+        used.append(fwd.runtime)
+        return fwd
+
+    monkeypatch.setattr(LoadedModel, "backbone_forward", spy)
+    for runtime in ("onnxruntime", "torch"):
+        monkeypatch.setenv(RUNTIME_ENV, runtime)
+        used.clear()
+        out[runtime] = _embed_small(tiny_run, small_root, embeddings_dir=tmp_path / runtime)["photo"]
+        assert used and set(used) == {runtime}
+    assert out["onnxruntime"].items == out["torch"].items
+    np.testing.assert_allclose(out["onnxruntime"].embeddings, out["torch"].embeddings, atol=1e-4)
+
+
+def test_backbone_forward_is_built_once_and_shared(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent first calls build one forward; with_feature copies share it; another image size gets its own."""
+    model = load_model(tiny_run, device="cpu", runtime="torch")
+    calls: list[int] = []
+
+    def slow_build(module: Any, image_size: int, device: Any, *, runtime: str | None = None) -> FrozenForward:
+        calls.append(image_size)
+        time.sleep(0.2)  # long enough for every thread to arrive while the first one builds
+        return FrozenForward("torch", "test", image_size, module)
+
+    monkeypatch.setattr(pipeline, "frozen_forward", slow_build)
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(lambda _: model.backbone_forward(), range(4)))
+    assert calls == [64] and all(b is built[0] for b in built)
+    assert model.with_feature("backbone").backbone_forward() is built[0] and calls == [64]
+    assert dataclasses.replace(model, image_size=32).backbone_forward().image_size == 32 and calls == [64, 32]
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        load_model(tiny_run, device="cpu", runtime="tensorrt")

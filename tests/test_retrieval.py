@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ from cdretrieval.config import RunConfig
 from cdretrieval.data.demo import _stroke_mask, render_ink, render_outline, render_photo
 from cdretrieval.errors import IndexFileError, IndexMismatchError, QueryError
 from cdretrieval.index import IndexSet
+from cdretrieval.models.runtime import RUNTIME_ENV
 from cdretrieval.retrieval import Retriever, SearchResult, calibrate_scores, merge_calibrated
 from cdretrieval.run import INDEX_DIR, load_checkpoint, save_checkpoint
 
@@ -244,6 +246,29 @@ def test_concurrent_searches_agree(retriever: Retriever) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         got = list(pool.map(lambda p: [r.item_id for r in retriever.search(p, "outline", k=5)], paths))
     assert got == expected
+
+
+def test_queries_run_on_onnxruntime_and_match_pytorch(retriever: Retriever, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default (``auto``) on the CPU a query's backbone runs under ONNX Runtime, "auto" queries (index and
+    detector features from one pass) included; its embeddings are PyTorch's to 1e-4, and so are the answers."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    fast = Retriever(dataclasses.replace(retriever.model, runtime=None), retriever.indexes)
+    eager = Retriever(dataclasses.replace(retriever.model, runtime="torch"), retriever.indexes)
+    queries = [_ink_path(retriever, i) for i in (0, 3)] + [retriever.indexes["photo"].items[5].path]
+    got = fast.encode_batch(queries)
+    assert fast.model.backbone_forward().runtime == "onnxruntime"
+    assert eager.model.backbone_forward().runtime == "torch"
+    np.testing.assert_allclose(got, eager.encode_batch(queries), atol=1e-4)
+    both, detector_vectors = fast._forward(queries, "backbone")  # what retrieve() computes for "auto"
+    np.testing.assert_array_equal(both, got)
+    _, eager_vectors = eager._forward(queries, "backbone")
+    np.testing.assert_allclose(detector_vectors, eager_vectors, atol=1e-4)
+    for q in queries:
+        a, b = fast.retrieve(q, k=5), eager.retrieve(q, k=5)
+        assert a.source_domain == b.source_domain and a.source == "detected"
+        assert [(r.domain, r.item_id) for r in a.results] == [(r.domain, r.item_id) for r in b.results]
+        np.testing.assert_allclose([r.score for r in a.results], [r.score for r in b.results], atol=1e-4)
 
 
 def test_query_errors(retriever: Retriever, tmp_path: Path) -> None:
