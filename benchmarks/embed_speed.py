@@ -8,9 +8,9 @@ mean much):
 
     python -m benchmarks.embed_speed [--backbone efficientnet_lite0] [--image-size 128] [--batch 64]
 
-* ``--runtime`` — eager PyTorch vs ONNX Runtime (:meth:`cdretrieval.pipeline.LoadedModel.backbone_forward`)
+* ``--runtime`` — eager PyTorch vs ONNX Runtime (:meth:`cdretrieval.loading.LoadedModel.backbone_forward`)
   for what the library runs: the whole embedding pass of indexing / evaluation (decode + transform +
-  network + chunking, ``pipeline._embed_all`` on ``--images`` real images drawn evenly from every domain of
+  network + chunking, ``domain_embeddings.embed_all`` on ``--images`` real images drawn evenly from every domain of
   ``--data``, for each ``--workers`` count), and single queries through :class:`~cdretrieval.retrieval.Retriever`
   (``encode`` and a ``search`` of another domain, path in → results out, median ms). Rounds alternate the
   runtimes; the pass reports the median images/s, and the largest difference between the two runtimes'
@@ -103,8 +103,9 @@ def _timed(fn: Any) -> tuple[float, Any]:
 
 def runtimes(args: argparse.Namespace) -> None:
     """Eager PyTorch vs ONNX Runtime: the embedding pass and single queries (see the module docstring)."""
+    from cdretrieval.domain_embeddings import embed_all
     from cdretrieval.index import IndexSet
-    from cdretrieval.pipeline import _embed_all, load_model
+    from cdretrieval.loading import load_model
     from cdretrieval.retrieval import Retriever
 
     workers = [int(w) for w in str(args.workers).split(",")]
@@ -129,7 +130,7 @@ def runtimes(args: argparse.Namespace) -> None:
         for rnd in range(args.rounds):
             for w in workers:
                 for r in RUNTIMES if rnd % 2 == 0 else RUNTIMES[::-1]:
-                    t, out = _timed(lambda r=r, w=w: _embed_all(
+                    t, out = _timed(lambda r=r, w=w: embed_all(
                         models[r], data, None, None, chunk_size=10_000, batch_size=args.batch, num_workers=w,
                         progress=False, resume=False))
                     rates[(r, w)].append(n / t)

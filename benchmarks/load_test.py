@@ -55,7 +55,7 @@ def make_run(out: Path, per_domain: int = 120) -> Path:
     from cdretrieval.config import RunConfig
     from cdretrieval.data.demo import generate_demo_data
     from cdretrieval.index import INDEX_SET_FILE
-    from cdretrieval.pipeline import build_indexes
+    from cdretrieval.indexing import build_indexes
     from cdretrieval.run import encoder_from_config, save_checkpoint
 
     run = out / "run"

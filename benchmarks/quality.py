@@ -24,7 +24,7 @@ folders plus ``<domain>_<split>.txt`` lists (under ``--work-dir``), so training 
 :class:`~cdretrieval.train.Trainer` and nothing is copied. Evaluation indexes the run's ``head``
 embedding (``model.index_feature``); in frozen mode (the CPU default) it projects the clean-view
 backbone features the trainer cached (transductive) or extracts them once for the held-out images;
-in finetune mode it embeds the images with the run (:func:`cdretrieval.pipeline.embed_domains`). The
+in finetune mode it embeds the images with the run (:func:`cdretrieval.domain_embeddings.embed_domains`). The
 ``none`` row scores the backbone feature. Labels are used only to score: every run reports its last
 epoch (no model selection).
 
@@ -68,13 +68,13 @@ from cdretrieval.data.digits import paired_domains, resolve_data_root
 from cdretrieval.data.folders import Sample, resolve_domain, scan_domain, scan_domains
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.device import amp_dtype, resolve_device, use_channels_last
+from cdretrieval.domain_embeddings import embed_domains
 from cdretrieval.embed import extract
 from cdretrieval.errors import DataError
 from cdretrieval.io import atomic_write_text
 from cdretrieval.metrics import evaluate_domains, rank_gallery
 from cdretrieval.models.encoder import Encoder
 from cdretrieval.paths import cache_dir
-from cdretrieval.pipeline import embed_domains
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams
 from cdretrieval.run import CHECKPOINT_FILE, encoder_from_config
 from cdretrieval.train import CACHED_MODES, Trainer, build_feature_cache, resolve_mode

@@ -63,7 +63,7 @@ from cdretrieval.device import autocast, resolve_device
 from cdretrieval.embed import extract, iter_extract
 from cdretrieval.index import IndexSet, Item, UseGpu
 from cdretrieval.io import atomic_torch_save
-from cdretrieval.pipeline import LoadedModel, load_model
+from cdretrieval.loading import LoadedModel, load_model
 from cdretrieval.retrieval import Retriever, query_to_image
 from cdretrieval.run import INDEX_DIR, encoder_from_config, save_checkpoint
 from cdretrieval.train import Prototypes, Trainer, active_terms, cluster_banks, compute_losses, feature_cache_key

@@ -149,7 +149,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     """Embed the images of a data set with a run's encoder (resumable chunks in RUN_DIR/embeddings)."""
-    from cdretrieval.pipeline import embed_domains
+    from cdretrieval.domain_embeddings import embed_domains
 
     out = embed_domains(
         args.run, args.data, _domain_list(args.domains), split=args.split, feature=args.feature,
@@ -166,7 +166,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     """Build per-domain indexes in RUN_DIR/index, or append images to one domain (--add)."""
-    from cdretrieval.pipeline import add_to_index, build_indexes
+    from cdretrieval.indexing import add_to_index, build_indexes
 
     domains = _domain_list(args.domains)
     if args.add:
@@ -236,8 +236,8 @@ def _query_batches(paths: Sequence[str], batch_size: int) -> Iterator[list[tuple
     Raises:
         DataError: a path does not exist, or a folder holds no image file.
     """
+    from cdretrieval.data.folders import collect_images
     from cdretrieval.errors import QueryError
-    from cdretrieval.pipeline import collect_images
     from cdretrieval.retrieval import query_to_image
 
     samples = collect_images(list(paths), "query")
@@ -291,9 +291,9 @@ def _indent(text: str, prefix: str = "  ") -> str:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """P@k / mAP (and paired R@k) for every directed domain pair; Markdown table, optional JSON file."""
+    from cdretrieval.evaluation import evaluate
     from cdretrieval.io import atomic_write_json
     from cdretrieval.metrics import format_table
-    from cdretrieval.pipeline import evaluate
 
     result = evaluate(
         args.data, _domain_list(args.domains), run_dir=args.run, backbone=args.backbone, ks=args.ks,

@@ -452,3 +452,9 @@ def augment_new_items(x: Any, gallery: Any, params: RerankParams, *, chunk: int 
     if not params.uses_dba or xn.shape[0] == 0:
         return xn.copy()
     return _expand_by_search(xn, g, params.dba_k - 1, params.dba_power, _check_k(chunk, "chunk"))
+
+
+def check_rerank_params(rerank: Any) -> None:
+    """Fail before any model work when ``rerank`` is neither a :class:`RerankParams` nor None (``ValueError``)."""
+    if rerank is not None and not isinstance(rerank, RerankParams):
+        raise ValueError(f"rerank must be a RerankParams or None, got {rerank!r}")

@@ -55,7 +55,7 @@ from cdretrieval.device import autocast
 from cdretrieval.domain_detection import Detection, DomainDetector
 from cdretrieval.errors import ImageLoadError, IndexMismatchError, QueryError
 from cdretrieval.index import IndexSet, Item, UseGpu, normalised_rows
-from cdretrieval.pipeline import LoadedModel, load_run_index
+from cdretrieval.loading import LoadedModel, load_run_index
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams, alpha_query_expansion
 from cdretrieval.run import INDEX_DIR
 
@@ -238,7 +238,7 @@ class Retriever:
     Build with :meth:`from_run`. Safe to share between threads: the model forward runs under a lock (CPU
     FAISS searches run concurrently; a GPU index is searched under a lock as well). Several target domains
     are merged by calibrated score (see the module docstring). On the CPU the backbone runs under ONNX
-    Runtime (:meth:`LoadedModel.backbone_forward <cdretrieval.pipeline.LoadedModel.backbone_forward>`,
+    Runtime (:meth:`LoadedModel.backbone_forward <cdretrieval.loading.LoadedModel.backbone_forward>`,
     built on the first query; ``$CDRETRIEVAL_RUNTIME=torch`` keeps PyTorch), "auto" queries included: their
     index and detector features come from its one pass.
 

@@ -29,6 +29,7 @@ CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
 INDEX_DIR = "index"
+EMBEDDINGS_DIR = "embeddings"
 
 
 def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:

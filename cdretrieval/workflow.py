@@ -83,7 +83,7 @@ def prepare_demo(
     progress: bool = True,
 ) -> DemoRun:
     """Generate/locate the data, pretrain (or resume, or reuse), build indexes (or reuse); return the run."""
-    from cdretrieval.pipeline import build_indexes
+    from cdretrieval.indexing import build_indexes
     from cdretrieval.train import pretrain
 
     run = Path(run_dir)

@@ -86,7 +86,7 @@ def indexed_run(tiny_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPa
     """
     import shutil
 
-    from cdretrieval.pipeline import build_indexes
+    from cdretrieval.indexing import build_indexes
 
     run = tmp_path_factory.mktemp("indexed_run") / "run"
     shutil.copytree(tiny_run, run)

@@ -16,26 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cdretrieval import pipeline
+from cdretrieval import loading
 from cdretrieval.data.images import is_image_file, load_image
 from cdretrieval.data.transforms import eval_transform
+from cdretrieval.domain_embeddings import EmbeddedDomain, embed_domains, embeddings_folder
 from cdretrieval.embedding_chunks import PROGRESS_FILE, Chunk, ChunkStore
 from cdretrieval.errors import CheckpointError, DataError, QueryError
+from cdretrieval.evaluation import evaluate
 from cdretrieval.index import IndexSet
+from cdretrieval.indexing import add_to_index, build_indexes
+from cdretrieval.loading import LoadedModel, load_model
 from cdretrieval.models.runtime import RUNTIME_ENV, FrozenForward
-from cdretrieval.pipeline import (
-    EMBEDDINGS_DIR,
-    EmbeddedDomain,
-    LoadedModel,
-    add_to_index,
-    build_indexes,
-    embed_domains,
-    embeddings_folder,
-    evaluate,
-    load_model,
-)
 from cdretrieval.retrieval import Retriever
-from cdretrieval.run import INDEX_DIR, load_encoder, model_hash
+from cdretrieval.run import EMBEDDINGS_DIR, INDEX_DIR, load_encoder, model_hash
 
 FAST: dict[str, Any] = {"num_workers": 0, "progress": False, "device": "cpu"}
 
@@ -352,7 +345,7 @@ def test_backbone_forward_is_built_once_and_shared(tiny_run: Path, monkeypatch: 
         time.sleep(0.2)  # long enough for every thread to arrive while the first one builds
         return FrozenForward("torch", "test", image_size, module)
 
-    monkeypatch.setattr(pipeline, "frozen_forward", slow_build)
+    monkeypatch.setattr(loading, "frozen_forward", slow_build)
     with ThreadPoolExecutor(4) as pool:
         built = list(pool.map(lambda _: model.backbone_forward(), range(4)))
     assert calls == [64] and all(b is built[0] for b in built)

@@ -13,8 +13,9 @@ import pytest
 from cdretrieval import metrics
 from cdretrieval.cli import main
 from cdretrieval.errors import IndexFileError, QueryError
+from cdretrieval.evaluation import evaluate
 from cdretrieval.index import MANIFEST_FILE, DomainIndex, IndexSet, Item
-from cdretrieval.pipeline import build_indexes, evaluate
+from cdretrieval.indexing import build_indexes
 from cdretrieval.rerank import (
     DEFAULT_RERANK,
     ArrayGallery,

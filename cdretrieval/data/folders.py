@@ -207,3 +207,33 @@ def parse_domains(text: str | Sequence[str] | None) -> list[str] | None:
     items = text.split(",") if isinstance(text, str) else list(text)
     names = [t.strip() for t in items if t.strip()]
     return names or None
+
+
+PathsOrFolder = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def collect_images(paths_or_folder: PathsOrFolder, domain: str) -> list[Sample]:
+    """Samples for image files and folders (walked recursively; a sub-folder name becomes the label).
+
+    Raises:
+        DataError: a path does not exist, or no image file is found.
+    """
+    entries = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(paths_or_folder)
+    if not entries:
+        raise DataError("no image paths given")
+    out: list[Sample] = []
+    for entry in entries:
+        p = Path(entry).expanduser().resolve()
+        if p.is_dir():
+            for dirpath, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                here = Path(dirpath)
+                label = None if here == p else here.relative_to(p).parts[0]
+                out.extend(Sample(str(here / f), domain, label) for f in sorted(files) if is_image_file(f))
+        elif p.is_file():
+            out.append(Sample(str(p), domain, None))
+        else:
+            raise DataError(f"{entry}: no such file or folder")
+    if not out:
+        raise DataError(f"no image files found in {[str(e) for e in entries]}")
+    return out

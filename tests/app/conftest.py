@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # app.server imports gradio: only when a test needs the serve
 def app_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN_DIR with checkpoint.pt (untrained head, pretrained backbone) and indexes of the 3 demo domains."""
     from cdretrieval.config import RunConfig
-    from cdretrieval.pipeline import build_indexes
+    from cdretrieval.indexing import build_indexes
     from cdretrieval.run import encoder_from_config, save_checkpoint
 
     cfg = RunConfig()

@@ -128,7 +128,7 @@ def test_bulk_loading_skips_and_counts_bad_files(
     assert summary["ink"] == {"embedded": 3, "skipped": len(BAD), "dim": 32, "feature": "head"}
     assert summary["photo"]["skipped"] == 0
 
-    from cdretrieval.pipeline import embed_domains
+    from cdretrieval.domain_embeddings import embed_domains
 
     with pytest.warns(UserWarning, match="skipped"):  # reloaded from the chunks: still counted and reported
         emb = embed_domains(run, root, "ink", num_workers=0, progress=False, device="cpu")["ink"]
@@ -348,7 +348,7 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
 @pytest.fixture(scope="module")
 def cli_runs(indexed_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``small_run``: indexed on ink + photo only; ``lost_run``: its index lost the ink folder."""
-    from cdretrieval.pipeline import build_indexes
+    from cdretrieval.indexing import build_indexes
 
     base = tmp_path_factory.mktemp("cli-runs")
     small = base / "small"
@@ -405,12 +405,12 @@ def test_cli_error_boundary_turns_plain_errors_into_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """An unreadable run folder (PermissionError, unforgeable as root) or any plain ValueError: one line, exit 2."""
-    import cdretrieval.pipeline
+    import cdretrieval.loading
 
     def fail(*_args: Any, **_kwargs: Any) -> Any:
         raise error
 
-    monkeypatch.setattr(cdretrieval.pipeline, "load_encoder", fail)
+    monkeypatch.setattr(cdretrieval.loading, "load_encoder", fail)
     query = next((demo_root / "ink").rglob("*.png"))
     code, out, err = _cli(["search", "--run", str(indexed_run), "--query", str(query), *CPU], capsys)
     assert code == 2 and out == ""

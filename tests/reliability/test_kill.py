@@ -168,7 +168,7 @@ def test_kill_pretrain_then_resume_matches_uninterrupted(demo_root: Path, tmp_pa
 _EMBED = """
 import sys, torch
 torch.set_num_threads(1)
-from cdretrieval.pipeline import embed_domains
+from cdretrieval.domain_embeddings import embed_domains
 embed_domains(sys.argv[1], sys.argv[2], embeddings_dir=sys.argv[3], chunk_size=16, batch_size=16, num_workers=0,
               device="cpu", progress=False)
 """
@@ -229,7 +229,7 @@ def test_kill_embedding_then_resume_gives_identical_embeddings(
     _finish(_spawn(["-c", _EMBED, str(tiny_run), str(demo_root), str(reference)], log), log)
     assert _check_chunks(store, "final") == _check_chunks(reference, "reference") == 3 * 8
 
-    from cdretrieval.pipeline import embed_domains
+    from cdretrieval.domain_embeddings import embed_domains
 
     got = embed_domains(tiny_run, demo_root, embeddings_dir=store, chunk_size=16, batch_size=16, num_workers=0,
                         device="cpu", progress=False)

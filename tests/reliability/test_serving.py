@@ -41,7 +41,7 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tiny_run: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     from app.server import launch_app
-    from cdretrieval.pipeline import build_indexes
+    from cdretrieval.indexing import build_indexes
 
     base = tmp_path_factory.mktemp("symlinks")
     data, private = base / "data", base / "private"
@@ -147,7 +147,7 @@ def test_search_never_shows_images_behind_links_out_of_the_data_root(site: Site)
 def test_index_add_outside_the_data_root_serves_that_file_only(site: Site, tmp_path: Path) -> None:
     """``index --add /x/a/extra/new.png`` must not open up ``/x/a`` (issue: ``/x/a/private.txt`` was served)."""
     from app.server import ServedFiles, blocked_paths
-    from cdretrieval.pipeline import add_to_index
+    from cdretrieval.indexing import add_to_index
     from cdretrieval.retrieval import Retriever
 
     run = tmp_path / "run"

@@ -1,0 +1,322 @@
+"""Embedding whole domains: every image of a data set → an L2-normalised vector, saved resumably.
+
+A batch job (``cdretrieval embed``, and the first step of indexing and evaluation); serving never imports it.
+
+* :func:`embed_domains` — the images of each domain of a data root, embedded with a run's encoder or a
+  baseline backbone, ``chunk_size`` images at a time; each finished chunk is saved atomically
+  (:mod:`cdretrieval.embedding_chunks`), so a killed job resumes after its last complete chunk.
+* :func:`embed_all` / :func:`embed_samples` — the same for samples at hand and a :class:`LoadedModel`.
+
+Embedding folder layout::
+
+    RUN_DIR/embeddings/<safe domain>/<feature>[-<safe split>]/progress.json, chunk_000000.npz, ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cdretrieval.data.datasets import warn_skipped
+from cdretrieval.data.digits import resolve_data_root
+from cdretrieval.data.folders import Sample, parse_domains, scan_domains
+from cdretrieval.data.transforms import eval_transform
+from cdretrieval.embed import ExtractedBatch, iter_extract
+from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE, Chunk, ChunkStore, samples_fingerprint
+from cdretrieval.index import Item, safe_domain_name
+from cdretrieval.loading import LoadedModel, load_model
+from cdretrieval.run import EMBEDDINGS_DIR
+
+logger = logging.getLogger(__name__)
+
+#: ``on_chunk(domain, chunk_index, samples_done, samples_total)``, called after each newly computed chunk.
+ChunkCallback = Callable[[str, int, int, int], None]
+
+
+@dataclass
+class EmbeddedDomain:
+    """One domain's embeddings: row ``j`` of ``embeddings`` is ``items[j]`` (unreadable files are left out)."""
+
+    domain: str
+    embeddings: np.ndarray  # [N_ok, D] float32, L2-normalised
+    items: list[Item]  # path, domain, label, width, height per row
+    sample_indices: np.ndarray  # [N_ok] int64, index of each row in the domain's sorted sample list
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
+    feature: str = "head"
+    model_hash: str = ""
+
+    @property
+    def labels(self) -> list[str | None]:
+        """Class label (class folder name) per row; None in the unlabeled layout."""
+        return [it.label for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+
+def check_embed_args(batch_size: int, num_workers: int, chunk_size: int) -> None:
+    """Fail before any model work on loader settings that are not integers in range (``ValueError``)."""
+    for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                             ("chunk_size", chunk_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+
+
+def scan_data(
+    data_root: str | os.PathLike[str], domains: str | Sequence[str] | None, split: str | None
+) -> tuple[Path, dict[str, list[Sample]]]:
+    """Absolute folder-layout root (``.npz`` digits materialised) and its domains' samples."""
+    root = resolve_data_root(data_root).resolve()  # absolute: item paths must work from any cwd
+    return root, scan_domains(root, parse_domains(domains), split)
+
+
+def embeddings_folder(base: Path, domain: str, feature: str, split: str | None) -> Path:
+    """``base/<safe domain>/<feature>[-<safe split>]``: one chunk store per domain, feature and split."""
+    sub = feature if split is None else f"{feature}-{safe_domain_name(split)}"
+    return base / safe_domain_name(domain) / sub
+
+
+def embed_samples(
+    model: LoadedModel,
+    domain: str,
+    samples: Sequence[Sample],
+    folder: Path | None,
+    *,
+    chunk_size: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    resume: bool,
+    on_chunk: ChunkCallback | None,
+) -> EmbeddedDomain:
+    """Embed one domain's ``samples`` chunk by chunk, reusing (``resume``) and writing chunks in ``folder``
+    when given (None: nothing is read or written)."""
+    n, dim = len(samples), model.dim
+    store: ChunkStore | None = None
+    chunks: list[Chunk] = []
+    if folder is not None:
+        key = {
+            "model_hash": model.cache_key_hash,
+            "feature": model.feature,
+            "image_size": model.image_size,
+            "samples": samples_fingerprint(samples),
+        }
+        store = ChunkStore(folder, key, n, chunk_size, dim)
+        if resume:
+            chunks = store.completed()
+        else:
+            store.clear()
+    n_chunks = -(-n // chunk_size)
+    start = chunks[-1].stop if chunks else 0  # the stored chunks are the leading ones
+    if chunks:
+        logger.info("%s: resuming at image %d of %d (%d chunks on disk)", domain, start, n, len(chunks))
+
+    bar = tqdm(total=n, initial=start, desc=f"embedding {domain}", unit="img", disable=not progress or start >= n,
+               leave=False)
+    feats: list[torch.Tensor] = []  # buffered rows not yet in a chunk
+    idx: list[torch.Tensor] = []
+    sizes: list[torch.Tensor] = []
+    bad: list[tuple[int, str]] = []
+    seen = start
+    try:
+        if start < n:  # the backbone's runtime decides the input settings (ONNX Runtime: fp32 NCHW)
+            amp, channels_last = model.input_settings()
+            batches: Iterator[ExtractedBatch] = iter_extract(
+                model.embed, samples[start:], eval_transform(model.image_size), device=model.device, amp=amp,
+                channels_last=channels_last, batch_size=batch_size, num_workers=num_workers,
+            )
+        else:  # all on disk: no model, no loader (its workers would start for nothing)
+            batches = iter(())
+        for batch in batches:
+            if len(batch.indices):
+                feats.append(batch.features)
+                idx.append(batch.indices + start)  # loader indices are relative to samples[start:]
+                sizes.append(batch.sizes)
+            bad.extend((i + start, reason) for i, reason in batch.bad)
+            seen += batch.count
+            bar.update(batch.count)
+            # Batches come in sample order: every chunk that ends at or before ``seen`` is complete.
+            while len(chunks) < n_chunks and seen >= min((len(chunks) + 1) * chunk_size, n):
+                i = len(chunks)
+                chunk = _cut_chunk(i * chunk_size, min((i + 1) * chunk_size, n), dim, feats, idx, sizes, bad)
+                chunks.append(chunk)
+                if store is not None:
+                    store.write(i, chunk)
+                if on_chunk is not None:
+                    on_chunk(domain, i, chunk.stop, n)
+    finally:
+        bar.close()
+    assert len(chunks) == n_chunks and seen == n, f"{domain}: embedded {seen} of {n} images"
+    return _assemble(model, domain, samples, chunks)
+
+
+def _cut_chunk(
+    start: int,
+    stop: int,
+    dim: int,
+    feats: list[torch.Tensor],
+    idx: list[torch.Tensor],
+    sizes: list[torch.Tensor],
+    bad: list[tuple[int, str]],
+) -> Chunk:
+    """Move the buffered rows with sample index < ``stop`` into a :class:`Chunk` (buffers keep the rest)."""
+    f = torch.cat(feats) if feats else torch.empty(0, dim)  # [b, D]
+    i = torch.cat(idx) if idx else torch.empty(0, dtype=torch.long)  # [b]
+    s = torch.cat(sizes) if sizes else torch.empty(0, 2, dtype=torch.long)  # [b, 2]
+    take = i < stop
+    rest = ~take
+    feats[:] = [f[rest]] if rest.any() else []
+    idx[:] = [i[rest]] if rest.any() else []
+    sizes[:] = [s[rest]] if rest.any() else []
+    chunk_bad = [(j, r) for j, r in bad if j < stop]
+    bad[:] = [(j, r) for j, r in bad if j >= stop]
+    emb = f[take].numpy().astype(np.float32) if take.any() else np.zeros((0, dim), np.float32)
+    return Chunk(start, stop, emb.reshape(-1, dim), i[take].numpy(), s[take].numpy().reshape(-1, 2), chunk_bad)
+
+
+def _assemble(model: LoadedModel, domain: str, samples: Sequence[Sample], chunks: Sequence[Chunk]) -> EmbeddedDomain:
+    """Concatenate chunks into one :class:`EmbeddedDomain` with its item table."""
+    emb = np.concatenate([c.embeddings for c in chunks]) if chunks else np.zeros((0, model.dim), np.float32)
+    rows = np.concatenate([c.indices for c in chunks]) if chunks else np.zeros(0, np.int64)
+    wh = np.concatenate([c.sizes for c in chunks]) if chunks else np.zeros((0, 2), np.int64)
+    bad = [b for c in chunks for b in c.bad]
+    items = [
+        Item(samples[j].path, domain, samples[j].label, int(w), int(h))
+        for j, (w, h) in zip(rows.tolist(), wh.tolist(), strict=True)
+    ]
+    warn_skipped(bad, f"domain {domain}")
+    return EmbeddedDomain(
+        domain=domain,
+        embeddings=np.ascontiguousarray(emb, dtype=np.float32),
+        items=items,
+        sample_indices=rows.astype(np.int64),
+        skipped=[(samples[j].path, reason) for j, reason in bad],
+        feature=model.feature,
+        model_hash=model.model_hash,
+    )
+
+
+def embed_all(
+    model: LoadedModel,
+    data: Mapping[str, Sequence[Sample]],
+    store_base: Path | None,
+    split: str | None,
+    *,
+    chunk_size: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    resume: bool,
+    on_chunk: ChunkCallback | None = None,
+) -> dict[str, EmbeddedDomain]:
+    """Each domain of ``data`` embedded by :func:`embed_samples`, its chunks in
+    :func:`embeddings_folder` under ``store_base`` (None: kept in memory only)."""
+    return {
+        d: embed_samples(
+            model,
+            d,
+            samples,
+            embeddings_folder(store_base, d, model.feature, split) if store_base is not None else None,
+            chunk_size=chunk_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+            resume=resume,
+            on_chunk=on_chunk,
+        )
+        for d, samples in data.items()
+    }
+
+
+def embed_domains(
+    run_dir: str | os.PathLike[str] | None,
+    data_root: str | os.PathLike[str],
+    domains: str | Sequence[str] | None = None,
+    *,
+    backbone: str | None = None,
+    weights: str = "default",
+    split: str | None = None,
+    feature: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    resume: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    embeddings_dir: str | os.PathLike[str] | None = None,
+    on_chunk: ChunkCallback | None = None,
+) -> dict[str, EmbeddedDomain]:
+    """Embed every image of ``domains`` (all of ``data_root``'s when None) with a run's encoder or a baseline.
+
+    Embeddings are computed ``chunk_size`` images at a time; each finished chunk is saved atomically under
+    ``embeddings_dir`` (default ``RUN_DIR/embeddings``; without a run and without ``embeddings_dir`` nothing
+    is saved). A killed job rerun with ``resume=True`` continues after the last complete chunk; chunks made
+    by another model (hash), feature, image size or sample list are discarded. Unreadable images are
+    skipped, counted and reported (``EmbeddedDomain.skipped`` and a warning).
+
+    Args:
+        run_dir: run folder, or None for the no-adaptation baseline (``backbone`` features).
+        data_root: ``ROOT/<domain>/[<class>/]<image>``, or a folder of digit ``.npz`` files.
+        domains: names (list or ``"A,B"``), aliases accepted; None for all.
+        backbone, weights: the baseline's backbone and weights (see :func:`load_model`).
+        split: read ``<domain>_<split>.txt`` lists instead of every image.
+        feature: ``head`` | ``backbone`` (default: the run's ``model.index_feature``).
+        image_size: default: the run's ``data.image_size``.
+        batch_size, num_workers: loader settings (workers decode ahead while the model runs).
+        device: ``auto`` picks CUDA when available.
+        progress: show a progress bar per domain.
+        resume: reuse complete chunks on disk (False recomputes everything).
+        chunk_size: images per saved chunk.
+        embeddings_dir: where chunks go (overrides ``RUN_DIR/embeddings``).
+        on_chunk: ``on_chunk(domain, chunk_index, samples_done, samples_total)`` after each new chunk.
+
+    Returns:
+        domain folder name → :class:`EmbeddedDomain`.
+    """
+    check_embed_args(batch_size, num_workers, chunk_size)
+    _root, data = scan_data(data_root, domains, split)  # cheap checks first, then the model
+    model = load_model(run_dir, backbone=backbone, weights=weights, feature=feature, image_size=image_size,
+                       device=device)
+    if embeddings_dir is not None:
+        base: Path | None = Path(embeddings_dir)
+    else:
+        base = model.run_dir / EMBEDDINGS_DIR if model.run_dir is not None else None
+    return embed_all(model, data, base, split, chunk_size=chunk_size, batch_size=batch_size,
+                      num_workers=num_workers, progress=progress, resume=resume, on_chunk=on_chunk)
+
+
+
+def feature_vectors(
+    model: LoadedModel,
+    feature: str,
+    embedded: Mapping[str, EmbeddedDomain],
+    data: Mapping[str, Sequence[Sample]],
+    split: str | None,
+    *,
+    chunk_size: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    resume: bool,
+    store_base: Path | None = None,
+) -> dict[str, np.ndarray]:
+    """Each domain's ``feature`` vectors: the embeddings at hand when they are that feature, else embedded
+    (resumably, in ``store_base``, default the run's embedding store) with the same model."""
+    if feature == model.feature:
+        return {d: e.embeddings for d, e in embedded.items()}
+    other = model.with_feature(feature)
+    base = store_base if store_base is not None else (
+        model.run_dir / EMBEDDINGS_DIR if model.run_dir is not None else None)
+    out = embed_all(other, data, base, split, chunk_size=chunk_size, batch_size=batch_size,
+                     num_workers=num_workers, progress=progress, resume=resume)
+    return {d: e.embeddings for d, e in out.items() if len(e)}
+
