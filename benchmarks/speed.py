@@ -48,11 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, md_table, write_outputs
 from benchmarks.index_speed import INDEX_HEADERS, bench_indexes, index_table_rows
-from cdretrieval.clustering import ClusterResult
 from cdretrieval.config import RunConfig
 from cdretrieval.data.demo import generate_demo_data
 from cdretrieval.data.digits import resolve_data_root
@@ -66,7 +64,15 @@ from cdretrieval.io import atomic_torch_save
 from cdretrieval.loading import LoadedModel, load_model
 from cdretrieval.retrieval import Retriever, query_to_image
 from cdretrieval.run import INDEX_DIR, encoder_from_config, save_checkpoint
-from cdretrieval.train import Prototypes, Trainer, active_terms, cluster_banks, compute_losses, feature_cache_key
+from cdretrieval.train import (
+    Prototypes,
+    Trainer,
+    active_terms,
+    cluster_banks,
+    compute_losses,
+    feature_cache_key,
+    make_optimizer,
+)
 
 SECTIONS = ("train", "embed", "latency", "index")
 TRAIN_RATIO_GOAL = 0.85  # full step img/s ÷ bare step img/s
@@ -226,16 +232,6 @@ def write_random_feature_cache(cfg: RunConfig, cache_root: Path, seed: int = 0) 
     return {d: len(s) for d, s in samples.items()}
 
 
-def protos_to(protos: Prototypes, device: torch.device) -> Prototypes:
-    """``protos`` with every tensor on ``device``."""
-    def move(c: ClusterResult) -> ClusterResult:
-        conc = None if c.concentration is None else c.concentration.to(device)
-        return ClusterResult(c.centroids.to(device), c.assignments.to(device), conc)
-
-    joint = None if protos.joint is None else protos.joint.to(device)
-    return Prototypes({d: [move(c) for c in cs] for d, cs in protos.per_domain.items()}, joint)
-
-
 @dataclass
 class StepInputs:
     """One step's inputs per domain: bank positions ``[B]`` and cached-view ids ``[B]`` or images ``[B,3,S,S]``."""
@@ -258,26 +254,21 @@ def step_inputs(trainer: Trainer, seed: int = 0) -> StepInputs:
     return StepInputs(idx, None, images)
 
 
-def model_outputs(trainer: Trainer, model: torch.nn.Module, inputs: StepInputs, d: str) -> torch.Tensor:
-    """What ``model`` (the trainer's or a copy) outputs for domain ``d``'s batch, as ``Trainer.train_step`` runs it."""
-    if inputs.views is not None:
-        x = trainer.cache[d][inputs.views[d], inputs.idx[d]]  # [B, F] cached backbone features
-        return F.normalize(model(x.float()), dim=1)
-    assert inputs.images is not None
-    with autocast(trainer.device, trainer.amp):
-        out = model(inputs.images[d])
-    return out.float()
+def model_outputs(trainer: Trainer, model: torch.nn.Module | None, inputs: StepInputs, d: str) -> torch.Tensor:
+    """What ``model`` (None: the trainer's; or a copy) outputs for domain ``d``'s batch (:meth:`Trainer.outputs`)."""
+    views = inputs.views[d] if inputs.views is not None else None
+    images = inputs.images[d] if inputs.images is not None else None
+    return trainer.outputs(d, inputs.idx[d], views, images, model=model)
 
 
 def bare_step(trainer: Trainer, inputs: StepInputs) -> Callable[[], None]:
     """A step of a copy of the trained module (head or encoder) with a trivial loss and the same optimiser type."""
     model = copy.deepcopy(trainer.model).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    t = trainer.cfg.train
-    opt: torch.optim.Optimizer = (
-        torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay) if t.optimizer == "sgd"
-        else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    )
+    # The copy is the head over cached features (frozen: CachedInputModel) or the whole encoder (finetune).
+    body = getattr(model, "upper", None) if trainer.mode == "frozen" else getattr(model, "backbone", None)
+    head = model.head
+    assert isinstance(head, torch.nn.Module)
+    opt = make_optimizer(head, body, trainer.cfg.train)
 
     def step() -> None:
         zero = torch.zeros((), device=trainer.device)
@@ -324,7 +315,7 @@ def bench_training(opts: SuiteOptions, mode: str) -> dict[str, Any]:
     epoch = 1
     terms = active_terms(cfg, epoch)
     need_joint = "mim" in terms
-    protos = protos_to(cluster_banks(trainer.banks, cfg, epoch, need_joint), trainer.device)
+    protos = cluster_banks(trainer.banks, cfg, epoch, need_joint).to(trainer.device)
     trainer.mim.reset()
     inputs = step_inputs(trainer)
     variants: dict[str, Callable[[], object]] = {

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from cdretrieval import __version__
 from cdretrieval.clustering import ClusterResult, balanced_kmeans, spherical_kmeans
-from cdretrieval.config import RunConfig, cluster_counts, validate
+from cdretrieval.config import RunConfig, TrainConfig, cluster_counts, validate
 from cdretrieval.data.datasets import warn_skipped
 from cdretrieval.data.digits import resolve_data_root
 from cdretrieval.data.folders import Sample, scan_domains
@@ -153,6 +153,16 @@ class Prototypes:
 
     per_domain: dict[str, list[ClusterResult]] = field(default_factory=dict)
     joint: Tensor | None = None  # [K, D]
+
+    def to(self, device: torch.device) -> Prototypes:
+        """These prototypes with every tensor on ``device`` (clustering runs on the CPU, steps may not)."""
+
+        def move(c: ClusterResult) -> ClusterResult:
+            conc = None if c.concentration is None else c.concentration.to(device)
+            return ClusterResult(c.centroids.to(device), c.assignments.to(device), conc)
+
+        joint = None if self.joint is None else self.joint.to(device)
+        return Prototypes({d: [move(c) for c in cs] for d, cs in self.per_domain.items()}, joint)
 
 
 def active_terms(cfg: RunConfig, epoch: int) -> dict[str, float]:
@@ -252,22 +262,6 @@ def cluster_banks(banks: MemoryBank, cfg: RunConfig, epoch: int, need_joint: boo
         union = torch.cat([banks.bank(d).detach().float().cpu() for d in banks.domains])
         out.joint = run(union, ks[0], base + 999).centroids
     return out
-
-
-def _protos_to(p: Prototypes, device: torch.device) -> Prototypes:
-    return Prototypes(
-        {
-            d: [
-                ClusterResult(
-                    c.centroids.to(device), c.assignments.to(device),
-                    None if c.concentration is None else c.concentration.to(device),
-                )
-                for c in cs
-            ]
-            for d, cs in p.per_domain.items()
-        },
-        None if p.joint is None else p.joint.to(device),
-    )
 
 
 # --------------------------------------------------------------------------------------------- data sources
@@ -444,6 +438,18 @@ class CachedInputModel(nn.Module):
 # --------------------------------------------------------------------------------------------- trainer
 
 
+def make_optimizer(head: nn.Module, body: nn.Module | None, t: TrainConfig) -> torch.optim.Optimizer:
+    """The training optimiser (``t.optimizer``): ``head``'s trainable parameters at ``t.lr``, ``body``'s
+    (the backbone, or the part of it that trains; None when it is frozen) at ``t.lr · t.backbone_lr_scale``."""
+    groups: list[dict[str, Any]] = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": t.lr}]
+    if body is not None:
+        groups.append({"params": [p for p in body.parameters() if p.requires_grad],
+                       "lr": t.lr * t.backbone_lr_scale})
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -556,7 +562,8 @@ class Trainer:
         if world_size() > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model)
         self.steps_per_epoch = cfg.train.steps_per_epoch or math.ceil(max(sizes.values()) / cfg.train.batch_size)
-        self.optimizer = self._make_optimizer()
+        body = self.encoder.backbone if self.mode in ("finetune", "partial") else None
+        self.optimizer = make_optimizer(self.encoder.head, body, cfg.train)
         total = self.steps_per_epoch * cfg.train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(total, self.steps_per_epoch * cfg.train.warmup_epochs)
@@ -596,17 +603,6 @@ class Trainer:
                 feats, kept = build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, False, self.split)
                 self.cache[d] = feats.to(self.device)
                 self.samples[d] = kept
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        t = self.cfg.train
-        head = [p for p in self.encoder.head.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"params": head, "lr": t.lr}]
-        if self.mode in ("finetune", "partial"):
-            bb = [p for p in self.encoder.backbone.parameters() if p.requires_grad]
-            groups.append({"params": bb, "lr": t.lr * t.backbone_lr_scale})
-        if t.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
-        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
     @torch.no_grad()
     def fill_banks(self) -> None:
@@ -649,14 +645,23 @@ class Trainer:
             plan[d] = perm.view(self.steps_per_epoch, b)
         return plan
 
-    def _forward(self, d: str, idx: Tensor, views: Tensor | None, images: Tensor | None) -> Tensor:
+    def outputs(
+        self, d: str, idx: Tensor, views: Tensor | None, images: Tensor | None, model: nn.Module | None = None
+    ) -> Tensor:
+        """The L2-normalised embeddings ``[b, dim]`` a training step computes for domain ``d``'s batch.
+
+        Cached modes read view ``views[i]`` of sample ``idx[i]`` from the feature cache; finetune runs
+        ``images`` ``[b, 3, S, S]`` under the trainer's autocast. ``model`` (default: the trained module,
+        DDP-wrapped when distributed) may be a copy of :attr:`model`, e.g. to time the network alone.
+        """
+        net = self.ddp_model if model is None else model
         if self.mode in CACHED_MODES:
             assert views is not None
             x = self.cache[d][views, idx]  # [b, F_in]
-            return F.normalize(self.ddp_model(x), dim=1)
+            return F.normalize(net(x), dim=1)
         assert images is not None
         with autocast(self.device, self.amp):
-            out = self.ddp_model(images)
+            out = net(images)
         return out.float()
 
     def train_step(
@@ -668,7 +673,7 @@ class Trainer:
         if self.mode in CACHED_MODES:
             self.encoder.backbone.eval()  # partial: trained units keep their BN statistics, no drop-connect
         feats = {
-            d: self._forward(d, idx[d], views[d] if views else None, images[d] if images else None)
+            d: self.outputs(d, idx[d], views[d] if views else None, images[d] if images else None)
             for d in self.domains
         }
         losses = compute_losses(feats, idx, self.banks, protos, self.mim, self.cfg, terms)
@@ -699,7 +704,7 @@ class Trainer:
         protos = Prototypes()
         if needs_protos:
             protos = _broadcast_object(cluster_banks(self.banks, cfg, epoch, "mim" in terms) if rank() == 0 else None)
-            protos = _protos_to(protos, self.device)
+            protos = protos.to(self.device)
             self.mim.reset()
         plan = self._epoch_plan(epoch)
         g = self._epoch_generator(epoch + 10_000)
