@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import md_table, write_outputs
+from benchmarks.common import interleaved, md_table, medians, timed_call, write_outputs
 from cdretrieval.config import RunConfig
 from cdretrieval.data.folders import Sample, scan_domains
 from cdretrieval.data.images import load_image
@@ -67,9 +67,8 @@ def median_rate(fn: Callable[[], int], rounds: int) -> float:
     """Median items/s of ``rounds`` calls of ``fn`` (which returns how many items it processed)."""
     rates = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t0))
+        seconds, n = timed_call(fn)
+        rates.append(n / seconds)
     return statistics.median(rates)
 
 
@@ -98,15 +97,8 @@ def bench_inference(
             variants[tag] = partial(_eager, cl_model, x, amp, cl)
         if fast.runtime == "onnxruntime":
             variants["onnxruntime fp32"] = partial(fast, x)
-        for fn in variants.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(rounds):
-            for k, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-        out[name] = {k: batch / statistics.median(ts) for k, ts in times.items()}
+        times = interleaved(variants, rounds, warmup=1)
+        out[name] = {k: batch / t for k, t in medians(times).items()}
     return out, status
 
 

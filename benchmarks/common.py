@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: machine description, JSON + Markdown output."""
+"""Shared benchmark plumbing: machine description, timing, JSON + Markdown output."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -16,6 +19,51 @@ from cdretrieval import __version__
 from cdretrieval.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device | None) -> None:
+    """Wait for queued GPU work (a no-op on CPU or None) so wall-clock times cover it."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], T], device: torch.device | None = None) -> tuple[float, T]:
+    """``(seconds, result)`` of one call of ``fn``, queued work on ``device`` included."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def timed(fn: Callable[[], object], device: torch.device | None = None) -> float:
+    """Seconds one call of ``fn`` takes, device work included."""
+    return timed_call(fn, device)[0]
+
+
+def interleaved(
+    variants: Mapping[str, Callable[[], object]], repeats: int, device: torch.device | None = None, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Run every variant once per round for ``repeats`` rounds (after ``warmup`` untimed rounds); seconds per
+    call. Interleaving spreads a loaded machine's slow spells over every variant instead of one."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The median of each variant's times."""
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def machine() -> dict[str, Any]:
@@ -81,12 +129,14 @@ def write_outputs(name: str, payload: dict[str, Any], table: str, out_dir: Path 
     return folder / f"{name}.json"
 
 
-def md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table; floats with 3 decimals."""
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right_align: bool = False) -> str:
+    """A Markdown table; floats with 3 decimals. ``right_align``: every column but the first right-aligned
+    (columns of numbers)."""
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    rule = ["---"] + ["---:" if right_align else "---"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -30,14 +30,14 @@ import os
 import random
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.common import md_table, write_outputs
+from benchmarks.common import interleaved, md_table, timed_call, write_outputs
 from cdretrieval.models.backbones import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,15 +49,10 @@ def _args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _throughput(model: torch.nn.Module, x: torch.Tensor, bf16: bool, repeats: int) -> float:
-    best = 0.0
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                model(x)
-            if i:  # first pass is warm-up
-                best = max(best, x.shape[0] / (time.perf_counter() - t0))
-    return best
+    """Best images/s of ``repeats`` forward passes over ``x``, after one untimed warm-up pass."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        times = interleaved({"model": lambda: model(x)}, repeats, warmup=1)["model"]
+    return x.shape[0] / min(times)
 
 
 def layouts(args: argparse.Namespace) -> None:
@@ -95,15 +90,9 @@ def _pick(root: Path, n: int, seed: int = 0) -> dict[str, list[Any]]:
     return {d: sorted(rng.sample(s, min(per, len(s))), key=lambda x: x.path) for d, s in domains.items()}
 
 
-def _timed(fn: Any) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def runtimes(args: argparse.Namespace) -> None:
     """Eager PyTorch vs ONNX Runtime: the embedding pass and single queries (see the module docstring)."""
-    from cdretrieval.domain_embeddings import embed_all
+    from cdretrieval.domain_embeddings import EmbedSettings, embed_all
     from cdretrieval.index import IndexSet
     from cdretrieval.loading import load_model
     from cdretrieval.retrieval import Retriever
@@ -120,9 +109,9 @@ def runtimes(args: argparse.Namespace) -> None:
         models = {r: load_model(None, runtime=r, **kw) for r in RUNTIMES}
         setup: dict[str, float] = {}
         for r, m in models.items():
-            setup[f"{r} build"], fwd = _timed(m.backbone_forward)
+            setup[f"{r} build"], fwd = timed_call(m.backbone_forward)
             assert fwd.runtime == r, f"{r} asked for, {fwd.runtime} built ({fwd.reason})"
-        setup["onnxruntime load cached"], _ = _timed(load_model(None, runtime="onnxruntime", **kw).backbone_forward)
+        setup["onnxruntime load cached"], _ = timed_call(load_model(None, runtime="onnxruntime", **kw).backbone_forward)
 
         # The whole embedding pass, runtimes alternating within each round.
         rates: dict[tuple[str, int], list[float]] = {(r, w): [] for r in RUNTIMES for w in workers}
@@ -130,9 +119,8 @@ def runtimes(args: argparse.Namespace) -> None:
         for rnd in range(args.rounds):
             for w in workers:
                 for r in RUNTIMES if rnd % 2 == 0 else RUNTIMES[::-1]:
-                    t, out = _timed(lambda r=r, w=w: embed_all(
-                        models[r], data, None, None, chunk_size=10_000, batch_size=args.batch, num_workers=w,
-                        progress=False, resume=False))
+                    settings = EmbedSettings(args.batch, w, chunk_size=10_000, progress=False, resume=False)
+                    t, out = timed_call(partial(embed_all, models[r], data, None, None, settings))
                     rates[(r, w)].append(n / t)
                     emb[r] = out
         max_diff = max(float(np.abs(emb["onnxruntime"][d].embeddings - emb["torch"][d].embeddings).max())
@@ -151,9 +139,9 @@ def runtimes(args: argparse.Namespace) -> None:
             retrievers[r].search(queries[0][0], queries[0][1], k=10)
         for i, (path, target) in enumerate(queries):
             for r in RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]:
-                latency[(r, "encode")].append(_timed(lambda r=r, p=path: retrievers[r].encode(p))[0] * 1e3)
+                latency[(r, "encode")].append(timed_call(partial(retrievers[r].encode, path))[0] * 1e3)
                 latency[(r, "search")].append(
-                    _timed(lambda r=r, p=path, t=target: retrievers[r].search(p, t, k=10))[0] * 1e3)
+                    timed_call(partial(retrievers[r].search, path, target, k=10))[0] * 1e3)
     if cache_before is None:
         os.environ.pop("CDRETRIEVAL_CACHE", None)
     else:

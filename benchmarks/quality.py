@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from benchmarks.common import RESULTS, write_outputs
+from benchmarks.common import RESULTS, md_table, write_outputs
 from benchmarks.plots import embedding_map, loss_curves, retrieval_grid
 from benchmarks.presets import PROTOCOLS, Layout, Preset, check_layout, get_preset, presets
 from cdretrieval.config import RunConfig, validate
@@ -72,11 +72,11 @@ from cdretrieval.domain_embeddings import embed_domains
 from cdretrieval.embed import extract
 from cdretrieval.errors import DataError
 from cdretrieval.io import atomic_write_text
-from cdretrieval.metrics import evaluate_domains, rank_gallery
+from cdretrieval.metrics import evaluate_domains, paired_rows, rank_gallery
 from cdretrieval.models.encoder import Encoder
 from cdretrieval.paths import cache_dir
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams
-from cdretrieval.run import CHECKPOINT_FILE, encoder_from_config
+from cdretrieval.run import CHECKPOINT_FILE, EMBEDDINGS_DIR, LOG_FILE, encoder_from_config
 from cdretrieval.train import CACHED_MODES, Trainer, build_feature_cache, resolve_mode
 
 # --------------------------------------------------------------------------------------------- variants
@@ -392,7 +392,7 @@ def embed_view(run_dir: Path | None, view: View, cfg: RunConfig, progress: bool)
         run_dir, view.root, view.keys, backbone=cfg.model.backbone, weights=cfg.model.weights,
         split=view.eval_split, feature="head" if run_dir is not None else "backbone",
         image_size=cfg.data.image_size, num_workers=cfg.data.num_workers, device=cfg.train.device,
-        progress=progress, resume=False, embeddings_dir=None if run_dir is None else run_dir / "embeddings",
+        progress=progress, resume=False, embeddings_dir=None if run_dir is None else run_dir / EMBEDDINGS_DIR,
     )
     return Embedded(
         "head" if run_dir is not None else "backbone",
@@ -400,28 +400,6 @@ def embed_view(run_dir: Path | None, view: View, cfg: RunConfig, progress: bool)
         {d: [it.path for it in e.items] for d, e in out.items()},
         {d: [str(it.label) for it in e.items] for d, e in out.items()},
     )
-
-
-def paired_indices(emb: Embedded, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
-    """For instance-paired domains: query row → gallery row with the same file stem (-1 when none)."""
-
-    def stems(paths: Sequence[str]) -> dict[str, int]:
-        rows: dict[str, int] = {}
-        repeated: set[str] = set()
-        for j, p in enumerate(paths):
-            s = Path(p).stem
-            if s in rows:
-                repeated.add(s)
-            rows[s] = j
-        return {s: j for s, j in rows.items() if s not in repeated}
-
-    out: dict[tuple[str, str], np.ndarray] = {}
-    for a, b in pairs:
-        if a in emb.vectors and b in emb.vectors:
-            for q, g in ((a, b), (b, a)):
-                rows = stems(emb.paths[g])
-                out[(q, g)] = np.array([rows.get(Path(p).stem, -1) for p in emb.paths[q]], np.int64)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -526,7 +504,7 @@ def _score(bench: Bench, emb: Embedded, rerank: RerankParams | None = None) -> d
     """Every directed pair's metrics; with ``rerank`` scored as the Retriever serves (DBA gallery, αQE queries)."""
     return evaluate_domains(
         emb.vectors, {d: np.array(v) for d, v in emb.labels.items()}, domains=bench.view.keys, ks=bench.ks,
-        paired=paired_indices(emb, bench.pairs), rerank=rerank,
+        paired=paired_rows(emb.paths, bench.pairs), rerank=rerank,
     )
 
 
@@ -590,7 +568,7 @@ def _fresh_run_dir(bench: Bench, variant: str, seed: int) -> Path:
 
 
 def _keep_log(bench: Bench, run_dir: Path, variant: str, seed: int) -> str | None:
-    src = run_dir / "log.jsonl"
+    src = run_dir / LOG_FILE
     if not src.is_file():
         return None
     dst = bench.out / "logs" / f"{bench.protocol}_{variant}_seed{seed}.jsonl"
@@ -629,7 +607,7 @@ def run_trained(bench: Bench, variant: str, cfg: RunConfig, seed: int) -> tuple[
     log = _keep_log(bench, run_dir, variant, seed)
     if not bench.keep_checkpoints:
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "embeddings", ignore_errors=True)
+        shutil.rmtree(run_dir / EMBEDDINGS_DIR, ignore_errors=True)
     run = VariantRun(variant, seed, "head", metrics, t1 - t0, t2 - t1, t3 - t2, peak_rss_mb(),
                      "variant" if scoped else "process", train_info, log)
     return run, emb
@@ -678,8 +656,8 @@ def fmt(s: Mapping[str, Any], digits: int = 3) -> str:
 
 
 def _md(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    """The lines of a Markdown table with right-aligned number columns (:func:`benchmarks.common.md_table`)."""
+    return md_table(headers, rows, right_align=True).split("\n")
 
 
 def markdown(title: str, facts: Sequence[str], summaries: Mapping[str, Mapping[str, Any]],

@@ -38,7 +38,6 @@ import contextlib
 import copy
 import itertools
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, md_table, write_outputs
+from benchmarks.common import RESULTS, interleaved, md_table, medians, timed, write_outputs
 from benchmarks.index_speed import INDEX_HEADERS, bench_indexes, index_table_rows
 from cdretrieval.config import RunConfig
 from cdretrieval.data.demo import generate_demo_data
@@ -160,39 +159,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work (a no-op on CPU) so wall-clock times cover it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of ``fn`` takes, device work included."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def interleaved(
-    variants: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Run every variant once per round for ``repeats`` rounds (after ``warmup`` untimed rounds); seconds per call."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(timed(fn, device))
-    return times
-
-
-def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def percentile_ms(seconds: Sequence[float], q: float) -> float:
@@ -494,10 +460,8 @@ def time_model(model: LoadedModel, path: str, channels_last: bool) -> float:
     x = eval_transform(model.image_size)(query_to_image(path))[None].to(model.device)  # [1, 3, S, S]
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    t0 = time.perf_counter()
     with torch.no_grad(), autocast(model.device, model.amp):
-        model.embed(x).float().cpu()
-    return time.perf_counter() - t0
+        return timed(lambda: model.embed(x).float().cpu())
 
 
 LATENCY_PARTS = ("end_to_end", "decode+preprocess", "model", "search")

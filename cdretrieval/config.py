@@ -11,6 +11,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -22,6 +23,14 @@ from cdretrieval.io import atomic_write_text
 #: Bounds on sizes read from a config (a typo like ``image_size: 96000`` must fail, not exhaust memory).
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 MAX_EPOCHS, MAX_BATCH_SIZE, MAX_CACHED_VIEWS, MAX_DIM = 100_000, 65_536, 64, 65_536
+
+#: Keys that earlier versions wrote and nothing read (section → names): dropped when a config is read, so the
+#: ``config.yaml`` and checkpoints of older run folders still load, and still resume (see
+#: :func:`drop_retired_keys`). Any other unknown key stays an error.
+RETIRED_KEYS: dict[str, frozenset[str]] = {
+    "train": frozenset({"tensorboard"}),  # no TensorBoard writer was ever wired up; log.jsonl holds the losses
+    "losses": frozenset({"mim_momentum"}),  # the MIM marginal is the batch's own (PCS), not a running mean
+}
 
 #: Loss terms the trainer knows (see ``cdretrieval.losses``).
 LOSS_TERMS: tuple[str, ...] = ("instance", "cross_instance", "proto", "cross_proto", "mim")
@@ -88,7 +97,6 @@ class LossConfig:
     sinkhorn_marginal: Literal["uniform", "kmeans"] = "uniform"
     mim_entropy_weight: float = 0.05  # per-sample entropy (down)
     mim_diversity_weight: float = 0.5  # marginal entropy (up)
-    mim_momentum: float = 0.9  # running mean of the marginal
     domain_pairing: Literal["all_others", "pairs"] = "all_others"
 
 
@@ -112,7 +120,6 @@ class TrainConfig:
     precision: str = "auto"
     checkpoint_every: int = 1  # epochs
     log_every: int = 20  # steps
-    tensorboard: bool = False
 
 
 @dataclass
@@ -135,7 +142,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        return _from_dict(cls, data, "config")
+        """A config from its :meth:`to_dict` form (retired keys of older versions dropped, others strict)."""
+        return _from_dict(cls, drop_retired_keys(data), "config")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RunConfig:
@@ -185,6 +193,15 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def drop_retired_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a config mapping without the :data:`RETIRED_KEYS` (the input is left alone)."""
+    out = dict(data)
+    for section, names in RETIRED_KEYS.items():
+        if isinstance(out.get(section), Mapping):
+            out[section] = {k: v for k, v in out[section].items() if k not in names}
+    return out
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:

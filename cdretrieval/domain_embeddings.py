@@ -33,6 +33,7 @@ from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE, Chunk, ChunkStore, 
 from cdretrieval.index import Item, safe_domain_name
 from cdretrieval.loading import LoadedModel, load_model
 from cdretrieval.run import EMBEDDINGS_DIR
+from cdretrieval.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,31 @@ class EmbeddedDomain:
 
 
 
-def check_embed_args(batch_size: int, num_workers: int, chunk_size: int) -> None:
-    """Fail before any model work on loader settings that are not integers in range (``ValueError``)."""
-    for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                             ("chunk_size", chunk_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How a batch job embeds, the same for every domain: loader, chunking, progress bars, resumption.
+
+    Checked on construction, so a public entry point fails on a bad value before any model work
+    (``ValueError`` naming the setting).
+    """
+
+    batch_size: int = 64  # images per forward pass
+    num_workers: int = 2  # decoding workers ahead of the model
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # images per saved chunk
+    progress: bool = True  # a progress bar per domain
+    resume: bool = True  # reuse complete chunks on disk (False recomputes everything)
+
+    def __post_init__(self) -> None:
+        for name, low in (("batch_size", 1), ("num_workers", 0), ("chunk_size", 1)):
+            check_int(getattr(self, name), name, low)
+
+
+def default_store(model: LoadedModel, embeddings_dir: str | os.PathLike[str] | None) -> Path | None:
+    """Where a job keeps its chunks: ``embeddings_dir`` when given, else ``RUN_DIR/embeddings``; a baseline
+    without ``embeddings_dir`` keeps nothing (None)."""
+    if embeddings_dir is not None:
+        return Path(embeddings_dir)
+    return model.run_dir / EMBEDDINGS_DIR if model.run_dir is not None else None
 
 
 def scan_data(
@@ -89,17 +109,12 @@ def embed_samples(
     domain: str,
     samples: Sequence[Sample],
     folder: Path | None,
-    *,
-    chunk_size: int,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-    resume: bool,
-    on_chunk: ChunkCallback | None,
+    settings: EmbedSettings,
+    on_chunk: ChunkCallback | None = None,
 ) -> EmbeddedDomain:
     """Embed one domain's ``samples`` chunk by chunk, reusing (``resume``) and writing chunks in ``folder``
     when given (None: nothing is read or written)."""
-    n, dim = len(samples), model.dim
+    n, dim, chunk_size = len(samples), model.dim, settings.chunk_size
     store: ChunkStore | None = None
     chunks: list[Chunk] = []
     if folder is not None:
@@ -110,7 +125,7 @@ def embed_samples(
             "samples": samples_fingerprint(samples),
         }
         store = ChunkStore(folder, key, n, chunk_size, dim)
-        if resume:
+        if settings.resume:
             chunks = store.completed()
         else:
             store.clear()
@@ -119,8 +134,8 @@ def embed_samples(
     if chunks:
         logger.info("%s: resuming at image %d of %d (%d chunks on disk)", domain, start, n, len(chunks))
 
-    bar = tqdm(total=n, initial=start, desc=f"embedding {domain}", unit="img", disable=not progress or start >= n,
-               leave=False)
+    bar = tqdm(total=n, initial=start, desc=f"embedding {domain}", unit="img",
+               disable=not settings.progress or start >= n, leave=False)
     feats: list[torch.Tensor] = []  # buffered rows not yet in a chunk
     idx: list[torch.Tensor] = []
     sizes: list[torch.Tensor] = []
@@ -131,7 +146,7 @@ def embed_samples(
             amp, channels_last = model.input_settings()
             batches: Iterator[ExtractedBatch] = iter_extract(
                 model.embed, samples[start:], eval_transform(model.image_size), device=model.device, amp=amp,
-                channels_last=channels_last, batch_size=batch_size, num_workers=num_workers,
+                channels_last=channels_last, batch_size=settings.batch_size, num_workers=settings.num_workers,
             )
         else:  # all on disk: no model, no loader (its workers would start for nothing)
             batches = iter(())
@@ -209,28 +224,16 @@ def embed_all(
     data: Mapping[str, Sequence[Sample]],
     store_base: Path | None,
     split: str | None,
-    *,
-    chunk_size: int,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-    resume: bool,
+    settings: EmbedSettings,
     on_chunk: ChunkCallback | None = None,
 ) -> dict[str, EmbeddedDomain]:
     """Each domain of ``data`` embedded by :func:`embed_samples`, its chunks in
     :func:`embeddings_folder` under ``store_base`` (None: kept in memory only)."""
     return {
         d: embed_samples(
-            model,
-            d,
-            samples,
+            model, d, samples,
             embeddings_folder(store_base, d, model.feature, split) if store_base is not None else None,
-            chunk_size=chunk_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
-            resume=resume,
-            on_chunk=on_chunk,
+            settings, on_chunk,
         )
         for d, samples in data.items()
     }
@@ -282,16 +285,11 @@ def embed_domains(
     Returns:
         domain folder name → :class:`EmbeddedDomain`.
     """
-    check_embed_args(batch_size, num_workers, chunk_size)
+    settings = EmbedSettings(batch_size, num_workers, chunk_size, progress, resume)
     _root, data = scan_data(data_root, domains, split)  # cheap checks first, then the model
     model = load_model(run_dir, backbone=backbone, weights=weights, feature=feature, image_size=image_size,
                        device=device)
-    if embeddings_dir is not None:
-        base: Path | None = Path(embeddings_dir)
-    else:
-        base = model.run_dir / EMBEDDINGS_DIR if model.run_dir is not None else None
-    return embed_all(model, data, base, split, chunk_size=chunk_size, batch_size=batch_size,
-                      num_workers=num_workers, progress=progress, resume=resume, on_chunk=on_chunk)
+    return embed_all(model, data, default_store(model, embeddings_dir), split, settings, on_chunk)
 
 
 
@@ -301,12 +299,7 @@ def feature_vectors(
     embedded: Mapping[str, EmbeddedDomain],
     data: Mapping[str, Sequence[Sample]],
     split: str | None,
-    *,
-    chunk_size: int,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-    resume: bool,
+    settings: EmbedSettings,
     store_base: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Each domain's ``feature`` vectors: the embeddings at hand when they are that feature, else embedded
@@ -314,9 +307,6 @@ def feature_vectors(
     if feature == model.feature:
         return {d: e.embeddings for d, e in embedded.items()}
     other = model.with_feature(feature)
-    base = store_base if store_base is not None else (
-        model.run_dir / EMBEDDINGS_DIR if model.run_dir is not None else None)
-    out = embed_all(other, data, base, split, chunk_size=chunk_size, batch_size=batch_size,
-                     num_workers=num_workers, progress=progress, resume=resume)
+    out = embed_all(other, data, default_store(model, store_base), split, settings)
     return {d: e.embeddings for d, e in out.items() if len(e)}
 

@@ -2,7 +2,7 @@
 
 ``extract`` turns a sample list into one feature tensor (training: feature caches, bank filling);
 ``iter_extract`` streams the same loop batch by batch with each image's size, for the resumable,
-chunked embedding of :mod:`cdretrieval.pipeline` (indexing, evaluation).
+chunked embedding of :mod:`cdretrieval.domain_embeddings` (indexing, evaluation).
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ adaptation (the ``none`` row of the README's benchmark tables).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,14 +17,19 @@ import torch
 from cdretrieval.data.digits import paired_domains
 from cdretrieval.data.folders import parse_domains
 from cdretrieval.domain_detection import DomainDetector
-from cdretrieval.domain_embeddings import EmbeddedDomain, check_embed_args, embed_all, feature_vectors, scan_data
+from cdretrieval.domain_embeddings import (
+    EmbedSettings,
+    default_store,
+    embed_all,
+    feature_vectors,
+    scan_data,
+)
 from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE
 from cdretrieval.errors import DataError, IndexMismatchError, QueryError
 from cdretrieval.index import load_detector
 from cdretrieval.loading import load_model
-from cdretrieval.metrics import evaluate_domains
+from cdretrieval.metrics import evaluate_domains, paired_rows
 from cdretrieval.rerank import RerankParams, check_rerank_params
-from cdretrieval.run import EMBEDDINGS_DIR
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:
@@ -36,33 +40,6 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise QueryError(f"every k must be a positive integer, got {k!r} in {list(ks)}")
     return [int(k) for k in out]
-
-
-def _paired_indices(root: Path, embedded: Mapping[str, EmbeddedDomain]) -> dict[tuple[str, str], np.ndarray]:
-    """For instance-paired domains (``pairs.json``), query row → gallery row of the same file stem (or -1).
-
-    MNIST image i and MNIST-M image i share the stem; a stem that is unreadable in one domain, or repeated
-    within one, pairs with nothing.
-    """
-
-    def stems(e: EmbeddedDomain) -> dict[str, int]:
-        rows: dict[str, int] = {}
-        repeated = set()
-        for j, it in enumerate(e.items):
-            s = Path(it.path).stem
-            if s in rows:
-                repeated.add(s)
-            rows[s] = j
-        return {s: j for s, j in rows.items() if s not in repeated}
-
-    out: dict[tuple[str, str], np.ndarray] = {}
-    for a, b in paired_domains(root):
-        if a not in embedded or b not in embedded:
-            continue
-        for q, g in ((a, b), (b, a)):
-            gallery = stems(embedded[g])
-            out[(q, g)] = np.array([gallery.get(Path(it.path).stem, -1) for it in embedded[q].items], np.int64)
-    return out
 
 
 def evaluate(
@@ -114,7 +91,7 @@ def evaluate(
     names = parse_domains(domains)
     if names is not None and len(names) < 2:
         raise QueryError(f"need at least two domains to evaluate, got {names}")
-    check_embed_args(batch_size, num_workers, DEFAULT_CHUNK_SIZE)
+    settings = EmbedSettings(batch_size, num_workers, DEFAULT_CHUNK_SIZE, progress, resume)
     check_rerank_params(rerank)
     detector = _resolve_detector(domain_detector)
     root, data = scan_data(data_root, names, split)
@@ -134,12 +111,8 @@ def evaluate(
                 f"domain {d!r} has {len(unlabeled)} image(s) outside class folders (e.g. {unlabeled[0]}); "
                 "evaluation needs ROOT/<domain>/<class>/<image>"
             )
-    if embeddings_dir is not None:
-        base: Path | None = Path(embeddings_dir)
-    else:
-        base = model.run_dir / EMBEDDINGS_DIR if model.run_dir is not None else None
-    embedded = embed_all(model, data, base, split, chunk_size=DEFAULT_CHUNK_SIZE, batch_size=batch_size,
-                          num_workers=num_workers, progress=progress, resume=resume)
+    base = default_store(model, embeddings_dir)
+    embedded = embed_all(model, data, base, split, settings)
     empty = [d for d, e in embedded.items() if len(e) == 0]
     if empty:
         raise DataError(f"no readable image in domain(s) {empty}")
@@ -148,14 +121,12 @@ def evaluate(
         {d: np.array(e.labels) for d, e in embedded.items()},
         domains=list(embedded),
         ks=ks,
-        paired=_paired_indices(root, embedded),
+        paired=paired_rows({d: [it.path for it in e.items] for d, e in embedded.items()}, paired_domains(root)),
         rerank=rerank,
     )
     detection: dict[str, Any] | None = None
     if detector is not None:
-        vectors = feature_vectors(model, detector.feature, embedded, data, split, chunk_size=DEFAULT_CHUNK_SIZE,
-                                   batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                   resume=resume, store_base=base)
+        vectors = feature_vectors(model, detector.feature, embedded, data, split, settings, store_base=base)
         detection = {**detector.accuracy(vectors), "feature": detector.feature,
                      "fit_holdout_accuracy": detector.holdout_accuracy}
     result.update(

@@ -9,6 +9,7 @@ A batch job (``cdretrieval index``); serving reads what it writes through :func:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -20,13 +21,7 @@ import torch
 
 from cdretrieval.data.folders import PathsOrFolder, collect_images, parse_domains
 from cdretrieval.domain_detection import DETECTOR_FEATURES, DomainDetector
-from cdretrieval.domain_embeddings import (
-    check_embed_args,
-    embed_all,
-    embed_samples,
-    feature_vectors,
-    scan_data,
-)
+from cdretrieval.domain_embeddings import EmbedSettings, embed_all, embed_samples, feature_vectors, scan_data
 from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE
 from cdretrieval.errors import CDRetrievalError, DataError
 from cdretrieval.index import INDEX_SET_FILE, IndexSet, Item, UseGpu
@@ -168,7 +163,7 @@ def build_indexes(
         CheckpointError: no usable run. DataError: bad data, a domain would be dropped, or no index type fits
         the budget.
     """
-    check_embed_args(batch_size, num_workers, chunk_size)
+    settings = EmbedSettings(batch_size, num_workers, chunk_size, progress, resume)
     check_rerank_params(rerank)
     if domain_detector is not None and domain_detector not in DETECTOR_FEATURES:
         raise ValueError(f"domain_detector must be one of {DETECTOR_FEATURES} or None, got {domain_detector!r}")
@@ -178,8 +173,7 @@ def build_indexes(
     root_of_index = index_root(model.run_dir, index_dir)
     if parse_domains(domains) is None and split is None:
         _check_no_domain_dropped(root, data, _previous_domains(root_of_index))
-    embedded = embed_all(model, data, model.run_dir / EMBEDDINGS_DIR, split, chunk_size=chunk_size,
-                          batch_size=batch_size, num_workers=num_workers, progress=progress, resume=resume)
+    embedded = embed_all(model, data, model.run_dir / EMBEDDINGS_DIR, split, settings)
     unreadable = {d: e.skipped for d, e in embedded.items() if len(e) == 0}
     if unreadable:
         d, skipped = next(iter(unreadable.items()))
@@ -206,8 +200,7 @@ def build_indexes(
     for d in iset:
         iset[d].manifest.update(extra, skipped=len(embedded[d].skipped))
     if domain_detector is not None and len(embedded) >= 2:
-        vectors = feature_vectors(model, domain_detector, embedded, data, split, chunk_size=chunk_size,
-                                   batch_size=batch_size, num_workers=num_workers, progress=progress, resume=resume)
+        vectors = feature_vectors(model, domain_detector, embedded, data, split, settings)
         iset.set_detector(DomainDetector.fit(vectors, feature=domain_detector,  # type: ignore[arg-type]
                                              model_hash=model.model_hash))
         logger.info("domain detector (%s features): held-out accuracy %s", domain_detector,
@@ -252,7 +245,7 @@ def add_to_index(
         QueryError: ``domain`` is not indexed. DataError: no path or no readable image.
         IndexMismatchError: the index belongs to another model.
     """
-    check_embed_args(batch_size, num_workers, 1)
+    settings = EmbedSettings(batch_size, num_workers, 1, progress, resume=False)
     model, iset = load_run_index(run_dir, index_dir=index_dir, device=device, use_gpu=False)
     assert model.run_dir is not None
     index = iset[domain]  # QueryError listing the indexed domains
@@ -268,8 +261,7 @@ def add_to_index(
             fresh.append(s)
     if not fresh:
         return AddedImages(domain, [], [], duplicates, len(index))
-    emb = embed_samples(model, domain, fresh, None, chunk_size=max(1, len(fresh)), batch_size=batch_size,
-                        num_workers=num_workers, progress=progress, resume=False, on_chunk=None)
+    emb = embed_samples(model, domain, fresh, None, dataclasses.replace(settings, chunk_size=len(fresh)))
     if len(emb) == 0:
         raise DataError(f"none of the {len(fresh)} new image(s) could be read: {emb.skipped[0][1]}")
     index.add(emb.embeddings, emb.items)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -148,6 +149,35 @@ def average_precision(relevance_sorted: Any) -> np.ndarray:
     prec_sum = np.where(rel, hits_so_far / ranks, 0.0).sum(axis=1)  # [Q]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n_rel > 0, prec_sum / n_rel, np.nan)
+
+
+def paired_rows(
+    paths: Mapping[str, Sequence[str]], pairs: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], np.ndarray]:
+    """For instance-paired domains, ``(query, gallery)`` → ``[N_query]`` gallery row of the same file stem (-1:
+    none): the ``paired`` argument of :func:`evaluate_domains`. ``paths`` holds each domain's file per row.
+
+    MNIST image i and MNIST-M image i share the stem; a stem repeated within one domain pairs with nothing.
+    Pairs with a domain missing from ``paths`` are left out.
+    """
+
+    def stems(rows_paths: Sequence[str]) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        repeated: set[str] = set()
+        for j, p in enumerate(rows_paths):
+            s = PurePath(p).stem
+            if s in rows:
+                repeated.add(s)
+            rows[s] = j
+        return {s: j for s, j in rows.items() if s not in repeated}
+
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for a, b in pairs:
+        if a in paths and b in paths:
+            for q, g in ((a, b), (b, a)):
+                gallery = stems(paths[g])
+                out[(q, g)] = np.array([gallery.get(PurePath(p).stem, -1) for p in paths[q]], np.int64)
+    return out
 
 
 def paired_recall_at_k(order: Any, paired_index: Any, k: int) -> np.ndarray:

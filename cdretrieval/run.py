@@ -5,10 +5,12 @@ Layout::
     RUN_DIR/config.yaml        resolved RunConfig (human-readable, reloadable)
     RUN_DIR/checkpoint.pt      model, optimiser, scheduler, epoch/step, banks, config, RNG, version
     RUN_DIR/log.jsonl          per-step / per-epoch loss terms
+    RUN_DIR/train_summary.json what the last ``pretrain`` call did: epochs, steps, mode, wall times
     RUN_DIR/index/             per-domain FAISS indexes (``cdretrieval index``)
     RUN_DIR/embeddings/        resumable embedding chunks (``cdretrieval embed``)
 
-Checkpoints are written atomically and loaded with ``weights_only=True``.
+Every name above is defined once, here (``CONFIG_FILE``, ``CHECKPOINT_FILE``, ``LOG_FILE``, ``SUMMARY_FILE``,
+``INDEX_DIR``, ``EMBEDDINGS_DIR``). Checkpoints are written atomically and loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from cdretrieval.models.encoder import Encoder, build_encoder, state_dict_hash
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+SUMMARY_FILE = "train_summary.json"
 INDEX_DIR = "index"
 EMBEDDINGS_DIR = "embeddings"
 

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from cdretrieval import __version__
 from cdretrieval.clustering import ClusterResult, balanced_kmeans, spherical_kmeans
-from cdretrieval.config import RunConfig, TrainConfig, cluster_counts, validate
+from cdretrieval.config import RunConfig, TrainConfig, cluster_counts, drop_retired_keys, validate
 from cdretrieval.data.datasets import warn_skipped
 from cdretrieval.data.digits import resolve_data_root
 from cdretrieval.data.folders import Sample, scan_domains
@@ -79,7 +79,14 @@ from cdretrieval.models.backbones import BackboneSplit, split_backbone
 from cdretrieval.models.encoder import Encoder
 from cdretrieval.models.runtime import frozen_forward
 from cdretrieval.paths import cache_dir
-from cdretrieval.run import CHECKPOINT_FILE, encoder_from_config, load_checkpoint, save_checkpoint
+from cdretrieval.run import (
+    CHECKPOINT_FILE,
+    LOG_FILE,
+    SUMMARY_FILE,
+    encoder_from_config,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 # --------------------------------------------------------------------------------------------- distributed
 
@@ -510,8 +517,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 def comparable_config(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Config fields that must not change on resume (epochs, logging and workers may)."""
-    d = json.loads(json.dumps(cfg_dict))
-    for k in ("epochs", "checkpoint_every", "log_every", "tensorboard", "device"):
+    d = drop_retired_keys(json.loads(json.dumps(cfg_dict)))  # an older run's checkpoint may hold them
+    for k in ("epochs", "checkpoint_every", "log_every", "device"):
         d["train"].pop(k, None)
     d["data"].pop("num_workers", None)
     return d
@@ -571,7 +578,7 @@ class Trainer:
         self.epoch = 0  # next epoch to run
         self.step = 0
         self.last_losses: dict[str, float] = {}
-        self._log_path = self.run_dir / "log.jsonl"
+        self._log_path = self.run_dir / LOG_FILE
 
     # ---- set-up
 
@@ -899,5 +906,5 @@ def pretrain(
         }
         from cdretrieval.io import atomic_write_json
 
-        atomic_write_json(Path(run_dir) / "train_summary.json", summary)
+        atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
     return result

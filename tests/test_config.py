@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cdretrieval.config import LossConfig, RunConfig, cluster_counts
 
@@ -59,3 +60,19 @@ def test_sizes_are_bounded(tmp_path: Path, yaml_text: str, message: str) -> None
     p.write_text(yaml_text)
     with pytest.raises(ValueError, match=message):
         RunConfig.load(p)
+
+
+def test_retired_keys_of_older_runs_still_load(tmp_path: Path) -> None:
+    """``train.tensorboard`` and ``losses.mim_momentum`` were never read: an old config.yaml or checkpoint that
+    holds them loads (and resumes) as the same config; a misspelt key is still an error."""
+    from cdretrieval.train import comparable_config
+
+    old = RunConfig().to_dict()
+    old["train"]["tensorboard"] = False
+    old["losses"]["mim_momentum"] = 0.9
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert RunConfig.load(tmp_path / "config.yaml") == RunConfig() == RunConfig.from_dict(old)
+    assert comparable_config(old) == comparable_config(RunConfig().to_dict())
+    assert "tensorboard" in old["train"]  # the caller's mapping is left alone
+    with pytest.raises(ValueError, match="unknown key.*tensorbord"):
+        RunConfig.from_dict({"train": {"tensorbord": True}})
