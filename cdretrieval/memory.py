@@ -20,6 +20,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def last_occurrences(indices: Tensor, size: int) -> Tensor:
+    """``[B]`` bool mask of the last occurrence of each value of ``indices`` (values in ``[0, size)``).
+
+    ``bank[idx] = rows`` with a repeated index lets an unspecified write win: on several CPU threads
+    (or a GPU) the winner changes from run to run, and so did the banks (a frozen-mode epoch ends with a
+    wrapped-around permutation whose batch repeats samples). Keeping one write per row makes the update
+    deterministic; the max of the positions is the same whatever order the threads reduce in.
+    """
+    positions = torch.arange(indices.shape[0], device=indices.device)  # [B]
+    last = torch.full((size,), -1, dtype=torch.long, device=indices.device)
+    last.scatter_reduce_(0, indices, positions, reduce="amax")  # [size] last position of each row
+    return last[indices] == positions
+
+
 class MemoryBank(nn.Module):
     """Per-domain banks ``V_d [N_d, D]`` of L2-normalised rows, registered as buffers.
 
@@ -114,8 +128,8 @@ class MemoryBank(nn.Module):
     def update(self, domain: str, indices: Tensor, features: Tensor, momentum: float = 0.5) -> None:
         """Momentum update ``V_d[i] ← normalise(m·V_d[i] + (1−m)·normalise(f_i))`` (CDS/PCS, m = 0.5).
 
-        No gradient reaches ``features`` (detached). With a repeated index in one batch, one of the
-        updates wins (index assignment), as in the reference implementations.
+        No gradient reaches ``features`` (detached). A row repeated in one batch is updated once, from its
+        last occurrence (see :func:`last_occurrences`).
 
         Args:
             domain: domain name.
@@ -127,6 +141,8 @@ class MemoryBank(nn.Module):
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
         idx, rows = self._check_batch(domain, indices, features)
         bank = self.bank(domain)
+        keep = last_occurrences(idx, bank.shape[0])
+        idx, rows = idx[keep], rows[keep]
         mixed = momentum * bank[idx] + (1.0 - momentum) * rows  # [B, D]
         bank[idx] = F.normalize(mixed, dim=1)
         self.filled(domain)[idx] = True
@@ -149,4 +165,4 @@ class MemoryBank(nn.Module):
         return f"sizes={sizes}, dim={self.dim}"
 
 
-__all__ = ["MemoryBank"]
+__all__ = ["MemoryBank", "last_occurrences"]

@@ -48,6 +48,23 @@ def test_momentum_update_by_hand() -> None:
     assert memory.bank("photo")[0].tolist() == pytest.approx([v / norm for v in raw])
 
 
+def test_repeated_index_last_update_wins() -> None:
+    """A batch that repeats rows (an epoch's wrapped-around permutation) updates each row once, from its
+    last occurrence, on every run: sizes large enough that index assignment runs on several threads."""
+    torch.manual_seed(0)
+    n, b, dim = 50, 256, 256
+    indices = torch.randint(n, (b,))
+    features = torch.randn(b, dim)
+    expected = MemoryBank({"photo": n}, dim=dim, seed=3)
+    last = {int(row): i for i, row in enumerate(indices)}
+    keep = torch.tensor(sorted(last.values()))
+    expected.update("photo", indices[keep], features[keep], momentum=0.5)  # no repeats left
+    for _ in range(30):  # plain index assignment gave ~30 different banks in 300 tries
+        memory = MemoryBank({"photo": n}, dim=dim, seed=3)
+        memory.update("photo", indices, features, momentum=0.5)
+        assert torch.equal(memory.bank("photo"), expected.bank("photo"))
+
+
 def test_update_takes_no_gradient() -> None:
     memory = MemoryBank({"photo": 2}, dim=3)
     features = torch.randn(2, 3, requires_grad=True)
