@@ -49,6 +49,12 @@ def test_serving_imports_no_batch_job() -> None:
     assert _imported_after("import cdretrieval.retrieval", BATCH_MODULES) == []
 
 
+def test_serving_imports_no_torchvision() -> None:
+    """``import cdretrieval.retrieval`` loads no torchvision (1.4–3 s of a cold start: it pulls in torch._dynamo);
+    the eval transform is plain PIL + torch (tests/data/test_transforms.py proves it equal)."""
+    assert _imported_after("import cdretrieval.retrieval", ("torchvision", "torch._dynamo")) == []
+
+
 def test_cli_import_is_cheap() -> None:
     """``cdretrieval --help`` loads no framework: each command imports its own modules when it runs."""
     assert _imported_after("import cdretrieval.cli", (*UI_AND_BENCHMARK_MODULES, "torch", "faiss")) == []
@@ -76,7 +82,7 @@ def test_search_command_runs_without_ui_or_batch_modules(indexed_run: Path, demo
         "import contextlib, io\nfrom cdretrieval.cli import main\n"
         f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main({argv!r}) == 0"
     )
-    assert _imported_after(code, (*UI_AND_BENCHMARK_MODULES, *BATCH_MODULES)) == []
+    assert _imported_after(code, (*UI_AND_BENCHMARK_MODULES, *BATCH_MODULES, "torchvision")) == []
 
 
 def test_pipeline_keeps_the_old_names() -> None:
