@@ -15,7 +15,7 @@ One process, side by side (the machines are shared; only ratios within a run mea
    one (:class:`~cdretrieval.data.views.MultiViewDataset`, one decode for all ``1 + V`` views).
 4. **cache pass** — image views/s of the whole pass, loader + model, per view: *old* is the former
    ``build_feature_cache`` (one ``extract`` per view) with eager PyTorch (on ``--torch-images`` images: it
-   is slow) and with ONNX Runtime; *new* is :func:`~cdretrieval.train.build_feature_cache` as it now is
+   is slow) and with ONNX Runtime; *new* is :func:`~cdretrieval.feature_cache.build_feature_cache` as it now is
    (ONNX Runtime, one decode per image for all views).
    Each row has a prediction from sections 1–2: the pass is CPU-bound on ``C`` cores shared by the model
    (all threads while it runs) and the loader workers, so one view costs ≈ ``t_model + t_data / C``
@@ -44,10 +44,10 @@ from cdretrieval.data.transforms import eval_transform, train_transform
 from cdretrieval.data.views import view_seed
 from cdretrieval.device import amp_dtype, autocast, use_channels_last
 from cdretrieval.embed import extract, make_loader
+from cdretrieval.feature_cache import build_feature_cache
 from cdretrieval.models.backbones import build_backbone
 from cdretrieval.models.encoder import Encoder, build_encoder
 from cdretrieval.models.runtime import frozen_forward
-from cdretrieval.train import build_feature_cache
 
 CPU = torch.device("cpu")
 
@@ -167,7 +167,7 @@ def new_pass(encoder: Encoder | None, samples: Sequence[Sample], cfg: RunConfig)
 
     from cdretrieval.data.datasets import collate_skipping
     from cdretrieval.data.views import MultiViewDataset
-    from cdretrieval.train import CACHE_BATCH_VIEWS
+    from cdretrieval.feature_cache import CACHE_BATCH_VIEWS
 
     nv, d = cfg.train.cached_views, cfg.data
     if encoder is not None:

@@ -71,13 +71,14 @@ from cdretrieval.device import amp_dtype, resolve_device, use_channels_last
 from cdretrieval.domain_embeddings import embed_domains
 from cdretrieval.embed import extract
 from cdretrieval.errors import DataError
+from cdretrieval.feature_cache import CACHED_MODES, build_feature_cache
 from cdretrieval.io import atomic_write_text
 from cdretrieval.metrics import evaluate_domains, paired_rows, rank_gallery
 from cdretrieval.models.encoder import Encoder
 from cdretrieval.paths import cache_dir
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams
 from cdretrieval.run import CHECKPOINT_FILE, EMBEDDINGS_DIR, LOG_FILE, encoder_from_config
-from cdretrieval.train import CACHED_MODES, Trainer, build_feature_cache, resolve_mode
+from cdretrieval.train import Trainer, resolve_mode
 
 # --------------------------------------------------------------------------------------------- variants
 

@@ -58,20 +58,15 @@ from cdretrieval.data.images import load_image
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.device import autocast, resolve_device
 from cdretrieval.embed import extract, iter_extract
+from cdretrieval.feature_cache import feature_cache_key
 from cdretrieval.index import IndexSet, Item, UseGpu
 from cdretrieval.io import atomic_torch_save
 from cdretrieval.loading import LoadedModel, load_model
+from cdretrieval.losses.objective import active_terms, compute_losses
+from cdretrieval.prototypes import Prototypes, cluster_banks
 from cdretrieval.retrieval import Retriever, query_to_image
 from cdretrieval.run import INDEX_DIR, encoder_from_config, save_checkpoint
-from cdretrieval.train import (
-    Prototypes,
-    Trainer,
-    active_terms,
-    cluster_banks,
-    compute_losses,
-    feature_cache_key,
-    make_optimizer,
-)
+from cdretrieval.train import Trainer, make_optimizer
 
 SECTIONS = ("train", "embed", "latency", "index")
 TRAIN_RATIO_GOAL = 0.85  # full step img/s ÷ bare step img/s

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdretrieval.validation import check_int, check_positions
+
 
 def last_occurrences(indices: Tensor, size: int) -> Tensor:
     """``[B]`` bool mask of the last occurrence of each value of ``indices`` (values in ``[0, size)``).
@@ -50,13 +52,11 @@ class MemoryBank(nn.Module):
         super().__init__()
         if len(sizes) == 0:
             raise ValueError("sizes is empty: a memory bank needs at least one domain")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        check_int(dim, "dim")
         for name, size in sizes.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"domain names must be non-empty strings, got {name!r}")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"size of domain {name!r} must be an integer >= 1, got {size!r}")
+            check_int(size, f"size of domain {name!r}")
         self.dim = dim
         self._domains: list[str] = list(sizes)
         self._slot: dict[str, int] = {name: i for i, name in enumerate(self._domains)}
@@ -90,8 +90,7 @@ class MemoryBank(nn.Module):
         """Whether every row of ``domain`` has been written (e.g. after the initial forward pass)."""
         return bool(self.filled(domain).all())
 
-    def _check_batch(self, domain: str, indices: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
-        bank = self.bank(domain)
+    def _check_batch(self, domain: str, indices: Tensor, features: Tensor) -> None:
         if indices.dim() != 1 or indices.dtype != torch.long:
             raise ValueError(
                 f"indices must be a 1-D int64 tensor, got shape {tuple(indices.shape)} and dtype {indices.dtype}"
@@ -101,12 +100,11 @@ class MemoryBank(nn.Module):
                 f"features must have shape ({indices.shape[0]}, {self.dim}) to match indices and the bank "
                 f"dimension, got {tuple(features.shape)}"
             )
-        n = bank.shape[0]
-        if indices.numel() and (bool((indices < 0).any()) or bool((indices >= n).any())):
-            raise ValueError(
-                f"indices for domain {domain!r} must lie in [0, {n}), got min {int(indices.min())}, "
-                f"max {int(indices.max())}"
-            )
+        check_positions(indices, f"indices for domain {domain!r}", indices.shape[0], self.bank(domain).shape[0])
+
+    def _rows(self, domain: str, indices: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``(indices, normalise(features))`` on the bank's device and dtype."""
+        bank = self.bank(domain)
         # Normalise first: f_i in V[i] ← normalise(m·V[i] + (1−m)·f_i) is the L2-normalised embedding.
         rows = F.normalize(features.detach().to(bank.device, bank.dtype), dim=1)  # [B, D]
         return indices.to(bank.device), rows
@@ -120,12 +118,15 @@ class MemoryBank(nn.Module):
             indices: ``[B]`` int64 row positions in ``[0, N_d)``.
             features: ``[B, D]`` embeddings (detached and L2-normalised here).
         """
-        idx, rows = self._check_batch(domain, indices, features)
+        self._check_batch(domain, indices, features)
+        idx, rows = self._rows(domain, indices, features)
         self.bank(domain)[idx] = rows
         self.filled(domain)[idx] = True
 
     @torch.no_grad()
-    def update(self, domain: str, indices: Tensor, features: Tensor, momentum: float = 0.5) -> None:
+    def update(
+        self, domain: str, indices: Tensor, features: Tensor, momentum: float = 0.5, *, check: bool = True
+    ) -> None:
         """Momentum update ``V_d[i] ← normalise(m·V_d[i] + (1−m)·normalise(f_i))`` (CDS/PCS, m = 0.5).
 
         No gradient reaches ``features`` (detached). A row repeated in one batch is updated once, from its
@@ -136,10 +137,14 @@ class MemoryBank(nn.Module):
             indices: ``[B]`` int64 row positions in ``[0, N_d)``.
             features: ``[B, D]`` embeddings of those rows from the current step.
             momentum: m in ``[0, 1]``: weight of the old row (0 = overwrite, 1 = keep).
+            check: validate the arguments (False: trust the caller, as the trainer does every step; the
+                range check reads the indices back, a device sync).
         """
-        if not (isinstance(momentum, int | float) and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-        idx, rows = self._check_batch(domain, indices, features)
+        if check:
+            if not (isinstance(momentum, int | float) and 0.0 <= momentum <= 1.0):
+                raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+            self._check_batch(domain, indices, features)
+        idx, rows = self._rows(domain, indices, features)
         bank = self.bank(domain)
         keep = last_occurrences(idx, bank.shape[0])
         idx, rows = idx[keep], rows[keep]

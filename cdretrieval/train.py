@@ -31,54 +31,67 @@ wrapped in DistributedDataParallel, features are all-gathered for identical bank
 MIM's marginal sees the global batch (``torch.distributed.nn.all_gather`` keeps its gradient right),
 and rank 0 clusters and broadcasts. Checkpoints (rank 0, atomic, every epoch) hold model, optimiser,
 scheduler, epoch, step, banks, MIM state, config, RNG and version; ``resume`` continues exactly.
+
+The parts live beside this loop: the feature cache in :mod:`~cdretrieval.feature_cache`, the loss terms
+in :mod:`~cdretrieval.losses.objective`, the per-epoch clustering in :mod:`~cdretrieval.prototypes`,
+process-group helpers in :mod:`~cdretrieval.distributed` and RNG state in :mod:`~cdretrieval.rng`. Their
+names are re-exported here for the code that imported them from this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
 import time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cdretrieval import __version__
-from cdretrieval.clustering import ClusterResult, balanced_kmeans, spherical_kmeans
 from cdretrieval.config import RunConfig, TrainConfig, cluster_counts, drop_retired_keys, validate
 from cdretrieval.data.datasets import warn_skipped
 from cdretrieval.data.digits import resolve_data_root
-from cdretrieval.data.folders import Sample, scan_domains
+from cdretrieval.data.folders import scan_domains
 from cdretrieval.data.transforms import eval_transform, train_transform
-from cdretrieval.device import amp_dtype, autocast, resolve_device, torch_threads, use_channels_last
+from cdretrieval.device import amp_dtype, autocast, resolve_device, use_channels_last
+from cdretrieval.distributed import (
+    barrier,
+    broadcast_object,
+    gather_rows,
+    gather_rows_with_grad,
+    init_distributed,
+    mean_over_ranks,
+    rank,
+    world_size,
+)
 from cdretrieval.embed import extract, make_loader
 from cdretrieval.errors import CheckpointError, DataError
-from cdretrieval.io import atomic_torch_save, atomic_write_text, torch_load
-from cdretrieval.losses import (
-    cluster_concentration,
-    cross_domain_entropy_loss,
-    cross_domain_prototype_entropy,
-    instance_discrimination_loss,
-    multi_prototypical_loss,
+from cdretrieval.feature_cache import (
+    CACHE_BATCH_VIEWS,
+    CACHED_MODES,
+    FEATURE_CACHE_FORMAT,
+    CachedInputModel,
+    ViewFeatures,
+    build_feature_cache,
+    extract_views,
+    feature_cache_key,
 )
+from cdretrieval.io import atomic_write_text
 from cdretrieval.losses.mim import MutualInformation
+from cdretrieval.losses.objective import active_terms, compute_losses
 from cdretrieval.memory import MemoryBank
 from cdretrieval.models.backbones import BackboneSplit, split_backbone
-from cdretrieval.models.encoder import Encoder
-from cdretrieval.models.runtime import frozen_forward
 from cdretrieval.paths import cache_dir
+from cdretrieval.prototypes import Prototypes, cluster_banks
+from cdretrieval.rng import rng_state, seed_everything, set_rng_state
 from cdretrieval.run import (
     CHECKPOINT_FILE,
     LOG_FILE,
@@ -88,361 +101,33 @@ from cdretrieval.run import (
     save_checkpoint,
 )
 
-# --------------------------------------------------------------------------------------------- distributed
-
-
-def world_size() -> int:
-    """Number of processes (1 when not distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); True if distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def gather_rows(x: Tensor) -> Tensor:
-    """Concatenate ``x [b, ...]`` from every rank (equal b), no gradient: ``[W·b, ...]`` in rank order."""
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient of the gathered tensor and returns this
-    rank's slice: with the same loss on every rank and DDP's gradient averaging this yields exactly
-    the single-process gradient of that loss on the combined batch."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # x: [b, ...] → [W·b, ...]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather_rows_with_grad(x: Tensor) -> Tensor:
-    """Like :func:`gather_rows` but the gradient flows back to every rank's own slice."""
-    if world_size() == 1:
-        return x
-    out: Tensor = _GatherWithGrad.apply(x)
-    return out
-
-
-def _broadcast_object(obj: Any) -> Any:
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# --------------------------------------------------------------------------------------------- losses
-
-
-@dataclass
-class Prototypes:
-    """Per-epoch clustering state: per-domain clusterings and the joint prototypes used by MIM."""
-
-    per_domain: dict[str, list[ClusterResult]] = field(default_factory=dict)
-    joint: Tensor | None = None  # [K, D]
-
-    def to(self, device: torch.device) -> Prototypes:
-        """These prototypes with every tensor on ``device`` (clustering runs on the CPU, steps may not)."""
-
-        def move(c: ClusterResult) -> ClusterResult:
-            conc = None if c.concentration is None else c.concentration.to(device)
-            return ClusterResult(c.centroids.to(device), c.assignments.to(device), conc)
-
-        joint = None if self.joint is None else self.joint.to(device)
-        return Prototypes({d: [move(c) for c in cs] for d, cs in self.per_domain.items()}, joint)
-
-
-def active_terms(cfg: RunConfig, epoch: int) -> dict[str, float]:
-    """Terms with a positive weight whose start epoch has come: name → weight."""
-    return {n: t.weight for n, t in cfg.losses.terms.items() if t.weight > 0 and epoch >= t.start_epoch}
-
-
-def compute_losses(
-    feats: Mapping[str, Tensor],
-    idx: Mapping[str, Tensor],
-    banks: MemoryBank,
-    protos: Prototypes,
-    mim: MutualInformation | None,
-    cfg: RunConfig,
-    terms: Mapping[str, float],
-) -> dict[str, Tensor]:
-    """The active loss terms (unweighted) for one step.
-
-    Args:
-        feats: domain → ``[b, D]`` L2-normalised embeddings of this rank's shard (with gradient).
-        idx: domain → ``[b]`` bank positions of those samples.
-        banks: per-domain memory banks (read only here).
-        protos: this epoch's clusterings (needed by proto, cross_proto, mim).
-        mim: MIM module holding the running marginal (needed by mim).
-        terms: the active terms (see :func:`active_terms`).
-    """
-    lc = cfg.losses
-    tau = lc.temperature
-    domains = list(feats)
-    out: dict[str, Tensor] = {}
-    if "instance" in terms:
-        out["instance"] = torch.stack(
-            [instance_discrimination_loss(feats[d], banks.bank(d), idx[d], tau) for d in domains]
-        ).mean()
-    if "cross_instance" in terms:
-        parts = []
-        for d in domains:
-            others = [o for o in domains if o != d]
-            if lc.domain_pairing == "all_others":
-                other_bank = torch.cat([banks.bank(o) for o in others])
-                parts.append(cross_domain_entropy_loss(feats[d], other_bank, tau, lc.cross_topk))
-            else:
-                parts += [cross_domain_entropy_loss(feats[d], banks.bank(o), tau, lc.cross_topk) for o in others]
-        out["cross_instance"] = torch.stack(parts).mean()
-    if "proto" in terms:
-        out["proto"] = torch.stack(
-            [multi_prototypical_loss(feats[d], idx[d], protos.per_domain[d]) for d in domains]
-        ).mean()
-    if "cross_proto" in terms:
-        parts = []
-        for d in domains:
-            for o in domains:
-                if o != d:
-                    parts += [cross_domain_prototype_entropy(feats[d], c.centroids, tau) for c in protos.per_domain[o]]
-        out["cross_proto"] = torch.stack(parts).mean()
-    if "mim" in terms:
-        if mim is None or protos.joint is None:
-            raise RuntimeError("mim term active without joint prototypes")
-        f_all = gather_rows_with_grad(torch.cat([feats[d] for d in domains]))  # [W·Σb, D]
-        probs = F.softmax(f_all @ protos.joint.T / tau, dim=1)  # [W·Σb, K]
-        out["mim"] = mim(probs)
-    return out
-
-
-# --------------------------------------------------------------------------------------------- clustering
-
-
-def cluster_banks(banks: MemoryBank, cfg: RunConfig, epoch: int, need_joint: bool) -> Prototypes:
-    """Cluster every domain's bank with each k (× runs); concentration per cluster; joint prototypes.
-
-    Seeds depend on (config seed, epoch, run) so every rank and every resume gets the same result.
-    """
-    lc = cfg.losses
-    sizes = [banks.bank(d).shape[0] for d in banks.domains]
-    ks = cluster_counts(lc, sizes)
-    out = Prototypes()
-
-    def run(x: Tensor, k: int, seed: int) -> ClusterResult:
-        if lc.clustering == "sinkhorn":
-            return balanced_kmeans(
-                x, k, n_iter=lc.kmeans_iters // 2 or 1, seed=seed, epsilon=lc.sinkhorn_epsilon,
-                sinkhorn_iters=lc.sinkhorn_iters, marginal=lc.sinkhorn_marginal,
-            )
-        return spherical_kmeans(x, k, n_iter=lc.kmeans_iters, seed=seed)
-
-    base = cfg.train.seed * 100_003 + epoch * 101
-    for d in banks.domains:
-        bank = banks.bank(d).detach().float().cpu()
-        results = []
-        for k in ks:
-            for r in range(lc.cluster_runs):
-                c = run(bank, k, base + 7 * r + k)
-                c.concentration = cluster_concentration(bank, c.centroids, c.assignments, normalize_to=lc.temperature)
-                results.append(c)
-        out.per_domain[d] = results
-    if need_joint:
-        union = torch.cat([banks.bank(d).detach().float().cpu() for d in banks.domains])
-        out.joint = run(union, ks[0], base + 999).centroids
-    return out
-
-
-# --------------------------------------------------------------------------------------------- data sources
-
-
-#: Version of the feature cache's content definition, part of its key. 2: every image decoded once for all
-#: its views, augmented view v of sample i seeded by (seed, v, i); ONNX Runtime on CPU.
-FEATURE_CACHE_FORMAT = 2
-
-#: Image views per backbone batch in the cache pass (images per batch = this ÷ (1 + cached_views)).
-CACHE_BATCH_VIEWS = 64
-
-
-#: Training modes that train on cached inputs (backbone features or the lower part's maps).
-CACHED_MODES = ("frozen", "partial")
-
-
-def feature_cache_key(cfg: RunConfig, samples: Sequence[Sample], mode: str = "frozen") -> str:
-    """Identity of a feature cache: format, backbone, weights, size, augmentation, views, seed, files, and
-    in ``partial`` mode the cut (``trainable_units``)."""
-    d, m, t = cfg.data, cfg.model, cfg.train
-    fields: list[Any] = [FEATURE_CACHE_FORMAT, m.backbone, m.weights, d.image_size, d.aug_strength, d.min_scale,
-                         d.hflip, d.blur, t.cached_views, t.seed]
-    if mode == "partial":
-        fields += ["partial", t.trainable_units]
-    h = hashlib.sha256()
-    h.update(json.dumps(fields).encode())
-    for s in samples:  # real paths: the same files reached through links share one cache
-        h.update(os.path.realpath(s.path).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class ViewFeatures:
-    """Backbone features of every view of the readable samples: ``features[v, j]`` is view ``v`` (0 clean)
-    of sample ``indices[j]``."""
-
-    features: Tensor  # [1 + V, N_ok, F] float32 on CPU
-    indices: Tensor  # [N_ok] long
-    bad: list[tuple[int, str]]  # (sample index, reason)
-
-
-def extract_views(
-    fn: Callable[[Tensor], Tensor],
-    samples: Sequence[Sample],
-    cfg: RunConfig,
-    *,
-    device: torch.device,
-    amp: torch.dtype | None = None,
-    channels_last: bool = False,
-    num_workers: int | None = None,
-    desc: str = "views",
-    progress: bool = True,
-) -> ViewFeatures:
-    """Run ``fn`` (``[n, 3, S, S]`` → ``[n, F]``) over the clean view and ``cfg.train.cached_views`` augmented
-    views of every sample, decoding each file once (:class:`~cdretrieval.data.views.MultiViewDataset`).
-
-    Augmented view ``v`` of sample ``i`` is ``train_transform`` seeded by ``(cfg.train.seed, v, i)``, so the
-    result does not depend on ``num_workers`` (default ``cfg.data.num_workers``) or on batching. Each batch
-    holds ~:data:`CACHE_BATCH_VIEWS` image views, view-major, so ``fn`` sees batches of the usual size.
-    """
-    from torch.utils.data import DataLoader
-
-    from cdretrieval.data.datasets import collate_skipping
-    from cdretrieval.data.views import MultiViewDataset
-
-    dcfg, nv = cfg.data, cfg.train.cached_views
-    workers = dcfg.num_workers if num_workers is None else num_workers
-    aug = train_transform(dcfg.image_size, dcfg.aug_strength, dcfg.min_scale, dcfg.hflip, dcfg.blur)
-    loader = DataLoader(
-        MultiViewDataset(samples, eval_transform(dcfg.image_size), aug, nv, cfg.train.seed),
-        batch_size=max(1, CACHE_BATCH_VIEWS // (1 + nv)), shuffle=False, num_workers=workers,
-        collate_fn=collate_skipping, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # the loader's base seed; leaves the global RNG alone
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    feats: list[Tensor] = []
-    idx: list[Tensor] = []
-    bad: list[tuple[int, str]] = []
-    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for batch in loader:
-            bad.extend(batch["bad"])
-            indices: Tensor = batch["indices"]
-            bar.update(len(indices) + len(batch["bad"]))
-            if len(indices) == 0:
-                continue
-            views: Tensor = batch["images"]  # [b, 1 + V, 3, S, S]
-            b = views.shape[0]
-            x = views.transpose(0, 1).reshape(-1, *views.shape[2:]).to(device, non_blocking=True)  # [(1+V)·b, 3, S, S]
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), autocast(device, amp):
-                y = fn(x)  # [(1+V)·b, F]
-            feats.append(y.float().cpu().view(1 + nv, b, -1))
-            idx.append(indices)
-    if not feats:
-        return ViewFeatures(torch.empty(1 + nv, 0, 0), torch.empty(0, dtype=torch.long), bad)
-    return ViewFeatures(torch.cat(feats, dim=1), torch.cat(idx), bad)
-
-
-def build_feature_cache(
-    encoder: Encoder,
-    samples: Sequence[Sample],
-    cfg: RunConfig,
-    device: torch.device,
-    cache_root: Path,
-    domain: str,
-    progress: bool = True,
-    split: BackboneSplit | None = None,
-) -> tuple[Tensor, list[Sample]]:
-    """Backbone features ``[1 + V, N_ok, F]`` (view 0 clean, views 1..V augmented) for a domain's images;
-    with ``split`` (partial mode) the lower part's flattened maps ``[1 + V, N_ok, C·h·w]`` instead.
-
-    Cached (fp16, atomic) under ``cache_root/<key>.pt`` and returned as the fp16 values (so a fresh build
-    and a later load give the same numbers; float32 for features, fp16 for maps, which are larger);
-    unreadable images are dropped (and warned about) so the returned sample list matches the rows. Each
-    image is decoded once for all its views (:func:`extract_views`); on CPU the network runs under ONNX
-    Runtime when it can (:func:`~cdretrieval.models.runtime.frozen_forward`).
-    """
-    key = feature_cache_key(cfg, samples, "partial" if split is not None else "frozen")
-    path = cache_root / f"{key}.pt"
-    if path.is_file():
-        try:
-            blob = torch_load(path)
-            kept = [samples[i] for i in blob["kept"].tolist()]
-            return (blob["features"] if split is not None else blob["features"].float()), kept
-        except Exception as e:  # a corrupt cache is rebuilt, never trusted
-            warnings.warn(f"feature cache {path} unreadable ({e}); rebuilding", stacklevel=2)
-    encoder.backbone.eval()
-    backbone: nn.Module = encoder.backbone if split is None else split.lower.eval()
-    forward = frozen_forward(backbone, cfg.data.image_size, device)
-    desc = f"{domain}: {1 + cfg.train.cached_views} views"
-    if forward.runtime == "onnxruntime":
-        # ONNX Runtime runs its fp32 graph on its own threads (autocast and channels_last change nothing), so
-        # torch's threads here only serve the loader (decoding and augmenting, with num_workers=0), whose small
-        # ops run far faster on one thread than on two contended ones (see torch_threads).
-        with torch_threads(1):
-            got = extract_views(forward, samples, cfg, device=device, desc=desc, progress=progress)
-    else:
-        cl = use_channels_last(device, cfg.model.backbone)
-        if cl:
-            backbone.to(memory_format=torch.channels_last)
-        got = extract_views(forward, samples, cfg, device=device, channels_last=cl, desc=desc, progress=progress,
-                            amp=amp_dtype(device, cfg.train.precision, cfg.model.backbone))
-    warn_skipped(got.bad, f"domain {domain}")
-    if len(got.indices) == 0:
-        raise DataError(f"domain {domain!r}: no readable images")
-    kept_idx = got.indices.tolist()
-    feats = got.features.half()  # [1+V, N, F]
-    atomic_torch_save({"features": feats, "kept": got.indices.clone(), "format": FEATURE_CACHE_FORMAT}, path)
-    return (feats if split is not None else feats.float()), [samples[i] for i in kept_idx]
-
-
-class CachedInputModel(nn.Module):
-    """What trains on cached inputs: ``[B, F_in]`` → head output ``[B, dim]`` (not normalised).
-
-    Frozen mode: ``F_in`` = pooled backbone features, the model is the head. Partial mode: ``F_in`` = the lower
-    part's flattened maps, the model is ``head(upper(x))``.
-    """
-
-    def __init__(self, head: nn.Module, upper: nn.Module | None = None):
-        super().__init__()
-        self.head = head
-        self.upper = upper
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.float()
-        if self.upper is not None:
-            x = self.upper(x)
-        return self.head(x)
-
-
-# --------------------------------------------------------------------------------------------- trainer
+#: Names defined here, and those re-exported from the modules they moved to (tests, benchmarks and scripts
+#: import them from ``cdretrieval.train``).
+__all__ = [
+    "CACHED_MODES",
+    "CACHE_BATCH_VIEWS",
+    "FEATURE_CACHE_FORMAT",
+    "CachedInputModel",
+    "Prototypes",
+    "TrainResult",
+    "Trainer",
+    "ViewFeatures",
+    "active_terms",
+    "build_feature_cache",
+    "cluster_banks",
+    "comparable_config",
+    "compute_losses",
+    "extract_views",
+    "feature_cache_key",
+    "gather_rows",
+    "gather_rows_with_grad",
+    "init_distributed",
+    "make_optimizer",
+    "pretrain",
+    "rank",
+    "resolve_mode",
+    "world_size",
+]
 
 
 def make_optimizer(head: nn.Module, body: nn.Module | None, t: TrainConfig) -> torch.optim.Optimizer:
@@ -489,32 +174,6 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    """Global RNG states in a ``weights_only``-loadable form (tensors, ints, lists)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-    }
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-
-
 def comparable_config(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Config fields that must not change on resume (epochs, logging and workers may)."""
     d = drop_retired_keys(json.loads(json.dumps(cfg_dict)))  # an older run's checkpoint may hold them
@@ -541,7 +200,7 @@ class Trainer:
         self.progress = progress and rank() == 0
         self.device = resolve_device(cfg.train.device)
         init_distributed(self.device)
-        _seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed)
         self.mode = resolve_mode(cfg, self.device)
         self.split: BackboneSplit | None = None
         self.feature_cache = Path(feature_cache) if feature_cache else cache_dir() / "features"
@@ -604,8 +263,7 @@ class Trainer:
                                f"under {root}; later runs with the same data and settings reuse them")
                 for d, s in self.samples.items():
                     build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, self.progress, self.split)
-            if world_size() > 1:
-                dist.barrier()
+            barrier()
             for d, s in list(self.samples.items()):
                 feats, kept = build_feature_cache(self.encoder, s, self.cfg, self.device, root, d, False, self.split)
                 self.cache[d] = feats.to(self.device)
@@ -692,13 +350,12 @@ class Trainer:
         self.scheduler.step()
         with torch.no_grad():
             for d in self.domains:
-                self.banks.update(d, gather_rows(idx[d]), gather_rows(feats[d].detach()), self.cfg.losses.bank_momentum)
+                self.banks.update(d, gather_rows(idx[d]), gather_rows(feats[d].detach()), self.cfg.losses.bank_momentum,
+                                  check=False)
         self.step += 1
         names = [*losses, "total"]
         values = torch.stack([*(v.detach().float() for v in losses.values()), total.detach().float()])
-        if world_size() > 1:  # report the global-batch mean, not this rank's shard
-            dist.all_reduce(values)
-            values /= world_size()
+        values = mean_over_ranks(values)  # the global batch's mean, not this rank's shard
         return dict(zip(names, values.tolist(), strict=True))
 
     # ---- epochs
@@ -710,7 +367,7 @@ class Trainer:
         needs_protos = bool({"proto", "cross_proto", "mim"} & set(terms))
         protos = Prototypes()
         if needs_protos:
-            protos = _broadcast_object(cluster_banks(self.banks, cfg, epoch, "mim" in terms) if rank() == 0 else None)
+            protos = broadcast_object(cluster_banks(self.banks, cfg, epoch, "mim" in terms) if rank() == 0 else None)
             protos = protos.to(self.device)
             self.mim.reset()
         plan = self._epoch_plan(epoch)
@@ -789,7 +446,7 @@ class Trainer:
             "step": self.step,
             "banks": self.banks.state_dict(),
             "mim": self.mim.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "mode": self.mode,
             "domains": {d: len(s) for d, s in self.samples.items()},
             "samples": {d: [s.path for s in ss] for d, ss in self.samples.items()},
@@ -800,8 +457,7 @@ class Trainer:
     def save(self) -> None:
         if rank() == 0:
             save_checkpoint(self.run_dir, self.state(), self.cfg)
-        if world_size() > 1:
-            dist.barrier()
+        barrier()
 
     def load(self) -> bool:
         """Restore from the run folder's checkpoint; False when there is none."""
@@ -820,7 +476,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.banks.load_state_dict(ckpt["banks"])
         self.mim.load_state_dict(ckpt["mim"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.last_losses = dict(ckpt.get("last_losses", {}))
         self._trim_log()

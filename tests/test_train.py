@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+from _train_setup import small_config
 
-from cdretrieval.config import RunConfig
 from cdretrieval.data.images import load_image
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.errors import CheckpointError, DataError
 from cdretrieval.models.encoder import build_encoder
 from cdretrieval.run import load_checkpoint, load_encoder
-from cdretrieval.train import Prototypes, Trainer, active_terms, build_feature_cache, feature_cache_key, pretrain
+from cdretrieval.train import Prototypes, Trainer, pretrain
 
 
 def _free_port() -> int:
@@ -28,40 +28,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cfg(root: Path, **train: object) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.root = str(root)
-    cfg.data.image_size = 64
-    cfg.data.hflip = 0.0
-    cfg.data.num_workers = 0
-    cfg.model.hidden_dim = 128
-    cfg.model.dim = 32
-    cfg.train.mode = "frozen"
-    cfg.train.cached_views = 2
-    cfg.train.batch_size = 16
-    cfg.train.epochs = 3
-    cfg.train.device = "cpu"
-    cfg.losses.num_clusters = [5, 10]
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("features")
 
 
-def test_active_terms_follow_start_epochs() -> None:
-    cfg = RunConfig()
-    assert set(active_terms(cfg, 0)) == {"instance"}
-    assert set(active_terms(cfg, 1)) == {"instance", "cross_instance", "proto", "cross_proto", "mim"}
-    cfg.losses.terms["proto"].weight = 0
-    assert "proto" not in active_terms(cfg, 5)
-
-
 def test_loss_goes_down_on_demo_data(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
-    cfg = _cfg(demo_root, epochs=6, steps_per_epoch=8)
+    cfg = small_config(demo_root, epochs=6, steps_per_epoch=8)
     tr = Trainer(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
     tr.fill_banks()
     firsts, lasts = [], []
@@ -77,7 +50,7 @@ def test_loss_goes_down_on_demo_data(demo_root: Path, tmp_path: Path, feature_ca
 
 @pytest.mark.parametrize("mode", ["frozen", "partial"])
 def test_resume_gives_the_same_next_step(demo_root: Path, tmp_path: Path, feature_cache: Path, mode: str) -> None:
-    cfg = _cfg(demo_root, epochs=3, steps_per_epoch=4, mode=mode)
+    cfg = small_config(demo_root, epochs=3, steps_per_epoch=4, mode=mode)
     full = pretrain(cfg, tmp_path / "full", progress=False, feature_cache=feature_cache)
     part = Trainer(cfg, tmp_path / "part", progress=False, feature_cache=feature_cache)
     part.fit(stop_after_epochs=2)  # "interrupted" after 2 epochs; checkpoint on disk
@@ -92,13 +65,13 @@ def test_resume_gives_the_same_next_step(demo_root: Path, tmp_path: Path, featur
     assert cfg2 == cfg and enc.dim == 32
     with pytest.raises(CheckpointError, match="already holds a run"):
         pretrain(cfg, tmp_path / "full", progress=False, feature_cache=feature_cache)
-    other = _cfg(demo_root, epochs=3, steps_per_epoch=4, lr=0.5, mode=mode)
+    other = small_config(demo_root, epochs=3, steps_per_epoch=4, lr=0.5, mode=mode)
     with pytest.raises(CheckpointError, match="another config"):
         pretrain(other, tmp_path / "full", resume=True, progress=False, feature_cache=feature_cache)
 
 
 def test_partial_mode_trains_exactly_the_top_units(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
-    cfg = _cfg(demo_root, epochs=2, mode="partial", trainable_units=2)
+    cfg = small_config(demo_root, epochs=2, mode="partial", trainable_units=2)
     tr = Trainer(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
     assert tr.split is not None and tr.split.map_shape == (192, 2, 2)  # Lite0 at 64 px, below its last block
     d = tr.domains[0]
@@ -125,7 +98,7 @@ def test_partial_mode_trains_exactly_the_top_units(demo_root: Path, tmp_path: Pa
 
 def test_partial_mode_cache_reproduces_the_network(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
     """The cached clean maps through the trained top give what the whole (uncached) network gives."""
-    cfg = _cfg(demo_root, epochs=1, steps_per_epoch=2, mode="partial")
+    cfg = small_config(demo_root, epochs=1, steps_per_epoch=2, mode="partial")
     r = pretrain(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
     assert r.mode == "partial"
     tr = Trainer(cfg, tmp_path / "again", progress=False, feature_cache=feature_cache)  # cache read back
@@ -144,7 +117,7 @@ def test_partial_mode_cache_reproduces_the_network(demo_root: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("clustering", ["kmeans", "sinkhorn"])
 def test_ablation_configs_run(demo_root: Path, tmp_path: Path, feature_cache: Path, clustering: str) -> None:
-    cfg = _cfg(demo_root, epochs=2, steps_per_epoch=2)
+    cfg = small_config(demo_root, epochs=2, steps_per_epoch=2)
     cfg.losses.clustering = clustering  # type: ignore[assignment]
     cfg.losses.cross_topk = 50
     cfg.losses.terms["instance"].weight = 0.0
@@ -153,49 +126,11 @@ def test_ablation_configs_run(demo_root: Path, tmp_path: Path, feature_cache: Pa
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "train_summary.json").is_file()
 
 
-def test_feature_cache_views(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One decode per image for all views: the same cache for 0 and 2 workers, view 0 = the plain clean
-    features, augmented views distinct, a reload gives the same numbers, the key carries the format."""
-    import shutil
-
-    from cdretrieval import train
-    from cdretrieval.data.folders import scan_domain
-    from cdretrieval.data.images import load_image
-    from cdretrieval.data.transforms import eval_transform
-    from cdretrieval.run import encoder_from_config
-
-    root = tmp_path / "data"
-    shutil.copytree(demo_root / "ink" / "3", root / "ink" / "3")
-    (root / "ink" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    samples = scan_domain(root, "ink")[:15]
-    cfg = _cfg(root)
-    encoder = encoder_from_config(cfg)
-    cpu = torch.device("cpu")
-    built = {}
-    for workers in (0, 2):
-        cfg.data.num_workers = workers
-        with pytest.warns(UserWarning, match="skipped 1 unreadable image.*broken.png"):
-            built[workers] = build_feature_cache(encoder, samples, cfg, cpu, tmp_path / f"w{workers}", "ink", False)
-    (feats, kept), (feats2, kept2) = built[0], built[2]
-    assert feats.shape == (3, len(samples) - 1, 1280) and kept == kept2 and all("broken" not in s.path for s in kept)
-    assert torch.equal(feats, feats2)
-    x = torch.stack([eval_transform(64)(load_image(s.path)) for s in kept])
-    with torch.no_grad():
-        clean = encoder.backbone.eval()(x)
-    torch.testing.assert_close(feats[0], clean, rtol=1e-3, atol=1e-4)  # fp16 storage: ~5e-4 relative
-    assert not torch.allclose(feats[1], feats[0], atol=1e-2) and not torch.allclose(feats[1], feats[2], atol=1e-2)
-    again, kept3 = build_feature_cache(encoder, samples, cfg, cpu, tmp_path / "w0", "ink", False)
-    assert torch.equal(again, feats) and kept3 == kept
-    key = feature_cache_key(cfg, samples)
-    monkeypatch.setattr(train, "FEATURE_CACHE_FORMAT", train.FEATURE_CACHE_FORMAT + 1)
-    assert feature_cache_key(cfg, samples) != key
-
-
 def test_bad_data(tmp_path: Path, demo_root: Path) -> None:
-    cfg = _cfg(tmp_path / "nope")
+    cfg = small_config(tmp_path / "nope")
     with pytest.raises(DataError, match="does not exist"):
         Trainer(cfg, tmp_path / "run", progress=False)
-    cfg = _cfg(demo_root)
+    cfg = small_config(demo_root)
     cfg.data.domains = ["ink"]
     with pytest.raises(DataError, match="at least 2 domains"):
         Trainer(cfg, tmp_path / "run", progress=False)
@@ -209,7 +144,7 @@ def test_corrupt_images_are_skipped_and_counted(demo_root: Path, tmp_path: Path,
         shutil.copytree(demo_root / d / "3", root / d / "3")
         shutil.copytree(demo_root / d / "7", root / d / "7")
     (root / "ink" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    cfg = _cfg(root, epochs=1, steps_per_epoch=1)
+    cfg = small_config(root, epochs=1, steps_per_epoch=1)
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*broken.png"):
         tr = Trainer(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
     assert all("broken" not in s.path for s in tr.samples["ink"])
@@ -219,7 +154,7 @@ def test_corrupt_images_are_skipped_and_counted(demo_root: Path, tmp_path: Path,
 @pytest.mark.parametrize("mode", ["frozen", "partial"])
 def test_ddp_two_processes_match_one(demo_root: Path, tmp_path: Path, feature_cache: Path, mode: str) -> None:
     """torchrun with 2 gloo processes (each half of every batch) == 1 process on the whole batch."""
-    cfg = _cfg(demo_root, epochs=2, steps_per_epoch=3, mode=mode)
+    cfg = small_config(demo_root, epochs=2, steps_per_epoch=3, mode=mode)
     cfg.train.optimizer = "sgd"
     cfg.train.lr = 0.05
     cfg_path = tmp_path / "cfg.yaml"

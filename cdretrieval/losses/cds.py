@@ -5,33 +5,17 @@ Kim, Cho, Yu, Lee, Kwak, "CDS: Cross-Domain Self-supervised Pre-training", ICCV 
 Notation: f = L2-normalised embeddings of a batch from domain d; V_d = memory bank of domain d (one
 L2-normalised row per training image, see :class:`cdretrieval.memory.MemoryBank`); τ = temperature.
 Banks are constants here: they are detached, the gradient reaches the features only.
+
+Every loss checks its arguments unless called with ``check=False``: the trainer does so on every step,
+since its config was validated once and the checks would read values back (a device sync) each step.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _check_features_and_bank(features: Tensor, bank: Tensor, bank_name: str) -> None:
-    if features.dim() != 2:
-        raise ValueError(f"features must be a 2-D [B, D] tensor, got shape {tuple(features.shape)}")
-    if features.shape[0] == 0:
-        raise ValueError("features is an empty batch (B = 0)")
-    if bank.dim() != 2 or bank.shape[0] == 0:
-        raise ValueError(f"{bank_name} must be a non-empty 2-D [N, D] tensor, got shape {tuple(bank.shape)}")
-    if bank.shape[1] != features.shape[1]:
-        raise ValueError(
-            f"feature dimension mismatch: features have D={features.shape[1]}, {bank_name} has D={bank.shape[1]}"
-        )
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, int | float) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+from cdretrieval.validation import check_features_against, check_int, check_positions, check_positive
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -47,7 +31,9 @@ def softmax_entropy(logits: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
-def instance_discrimination_loss(features: Tensor, bank: Tensor, indices: Tensor, temperature: float = 0.1) -> Tensor:
+def instance_discrimination_loss(
+    features: Tensor, bank: Tensor, indices: Tensor, temperature: float = 0.1, *, check: bool = True
+) -> Tensor:
     """CDS in-domain instance discrimination (I-ID), Kim et al. ICCV 2021, eq. 1.
 
     L = −(1/B) Σ_i log [ exp(f_i·v_{i}/τ) / Σ_j exp(f_i·v_j/τ) ], with v_j the rows of the bank of the
@@ -58,27 +44,22 @@ def instance_discrimination_loss(features: Tensor, bank: Tensor, indices: Tensor
         bank: ``[N, D]`` memory bank of that same domain (detached: no gradient).
         indices: ``[B]`` int64 position of each sample in ``bank`` (the target class of eq. 1).
         temperature: τ > 0 (CDS: 0.1).
+        check: validate the arguments (False: trust the caller, no device sync).
 
     Returns:
         Scalar loss, mean over the batch.
     """
-    _check_features_and_bank(features, bank, "bank")
-    _check_temperature(temperature)
-    if indices.shape != (features.shape[0],) or indices.dtype != torch.long:
-        raise ValueError(
-            f"indices must be an int64 tensor of shape ({features.shape[0]},), got shape "
-            f"{tuple(indices.shape)} and dtype {indices.dtype}"
-        )
-    n = bank.shape[0]
-    if bool((indices < 0).any()) or bool((indices >= n).any()):
-        raise ValueError(f"indices must lie in [0, {n}), got min {int(indices.min())}, max {int(indices.max())}")
+    if check:
+        check_features_against(features, bank, "bank")
+        check_positive(temperature, "temperature")
+        check_positions(indices, "indices", features.shape[0], bank.shape[0])
 
     logits = features @ bank.detach().to(features.dtype).T / temperature  # [B, N]
     return F.cross_entropy(logits, indices.to(logits.device))
 
 
 def cross_domain_entropy_loss(
-    features: Tensor, other_bank: Tensor, temperature: float = 0.1, topk: int | None = None
+    features: Tensor, other_bank: Tensor, temperature: float = 0.1, topk: int | None = None, *, check: bool = True
 ) -> Tensor:
     """CDS cross-domain matching (CDM), Kim et al. ICCV 2021, eq. 2–3.
 
@@ -94,14 +75,16 @@ def cross_domain_entropy_loss(
         other_bank: ``[M, D]`` memory bank of another domain d' ≠ d (detached: no gradient).
         temperature: τ > 0 (CDS: 0.1).
         topk: keep the top-k logits per row before the softmax (official code: 700), or ``None``.
+        check: validate the arguments (False: trust the caller).
 
     Returns:
         Scalar loss, mean entropy over the batch (nats).
     """
-    _check_features_and_bank(features, other_bank, "other_bank")
-    _check_temperature(temperature)
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"topk must be None or an integer >= 1, got {topk!r}")
+    if check:
+        check_features_against(features, other_bank, "other_bank")
+        check_positive(temperature, "temperature")
+        if topk is not None:
+            check_int(topk, "topk")
 
     logits = features @ other_bank.detach().to(features.dtype).T / temperature  # [B, M]
     if topk is not None and topk < logits.shape[1]:

@@ -10,12 +10,13 @@ Unsupervised retrieval has no labels, so this is off by default; the trainer dec
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cdretrieval.validation import check_int, check_positive, check_rows
 
 
 @torch.no_grad()
@@ -33,17 +34,14 @@ def class_prototypes(bank: Tensor, labels: Tensor, num_classes: int, min_count: 
         ``[C, D]`` prototypes; a class with fewer than ``min_count`` labelled rows gets a zero row (so
         its logit is 0) and a ``UserWarning`` lists those classes.
     """
-    if bank.dim() != 2 or bank.shape[0] == 0:
-        raise ValueError(f"bank must be a non-empty 2-D [N, D] tensor, got shape {tuple(bank.shape)}")
+    check_rows(bank, "bank")
     if labels.shape != (bank.shape[0],) or labels.dtype != torch.long:
         raise ValueError(
             f"labels must be an int64 tensor of shape ({bank.shape[0]},), got shape {tuple(labels.shape)} "
             f"and dtype {labels.dtype}"
         )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
-        raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+    check_int(num_classes, "num_classes")
+    check_int(min_count, "min_count")
     if bool((labels < -1).any()) or bool((labels >= num_classes).any()):
         raise ValueError(
             f"labels must be -1 (unlabelled) or in [0, {num_classes}), got min {int(labels.min())}, "
@@ -71,7 +69,7 @@ def class_prototypes(bank: Tensor, labels: Tensor, num_classes: int, min_count: 
     return prototypes
 
 
-def prototype_logits(features: Tensor, prototypes: Tensor, temperature: float = 0.05) -> Tensor:
+def prototype_logits(features: Tensor, prototypes: Tensor, temperature: float = 0.05, *, check: bool = True) -> Tensor:
     """Cosine-classifier logits ``f·Wᵀ/T`` of embeddings against class prototypes (PCS §3.4).
 
     Args:
@@ -80,17 +78,18 @@ def prototype_logits(features: Tensor, prototypes: Tensor, temperature: float = 
             ``W.detach()`` for fixed prototypes, or an ``nn.Parameter`` initialised from them to learn
             the classifier as PCS does.
         temperature: T > 0 (PCS: 0.05).
+        check: validate the arguments (False: trust the caller, e.g. in a training step).
 
     Returns:
         ``[B, C]`` logits (``softmax`` of them is the ``probs`` input of the MIM loss).
     """
-    if features.dim() != 2 or prototypes.dim() != 2 or features.shape[1] != prototypes.shape[1]:
-        raise ValueError(
-            f"features [B, D] and prototypes [C, D] must share D, got shapes {tuple(features.shape)} "
-            f"and {tuple(prototypes.shape)}"
-        )
-    if not (isinstance(temperature, int | float) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if check:
+        if features.dim() != 2 or prototypes.dim() != 2 or features.shape[1] != prototypes.shape[1]:
+            raise ValueError(
+                f"features [B, D] and prototypes [C, D] must share D, got shapes {tuple(features.shape)} "
+                f"and {tuple(prototypes.shape)}"
+            )
+        check_positive(temperature, "temperature")
     return features @ prototypes.to(features.dtype).T / temperature  # [B, C]
 
 

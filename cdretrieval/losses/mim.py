@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from cdretrieval.validation import check_int, check_rows
+
 # Clamp inside log so that p = 0 gives a finite gradient (p·log p → 0 as p → 0).
 _LOG_EPS = 1e-8
 # Tolerance on "each row of probs sums to 1" (loose enough for bf16/autocast softmax outputs).
@@ -39,12 +41,34 @@ def _check_weight(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def _check_probs(p: Tensor) -> None:
+    """``p [B, K]`` holds probability rows (softmax outputs, not logits)."""
+    check_rows(p, "probs", "[B, K]")
+    if p.shape[1] == 0:
+        raise ValueError(f"probs must be a non-empty 2-D [B, K] tensor, got shape {tuple(p.shape)}")
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+        raise ValueError("probs must be finite and non-negative (pass softmax outputs, not logits)")
+    row_sums = p.sum(dim=1)
+    if bool(((row_sums - 1.0).abs() > _ROW_SUM_TOL).any()):
+        raise ValueError(
+            f"each row of probs must sum to 1, got row sums in [{float(row_sums.min()):.4f}, "
+            f"{float(row_sums.max()):.4f}] (pass softmax outputs, not logits)"
+        )
+
+
+def _check_momentum(momentum: float | None, what: str) -> None:
+    if not (isinstance(momentum, int | float) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum must be {what} in [0, 1), got {momentum!r}")
+
+
 def mutual_information_loss(
     probs: Tensor,
     marginal: Tensor | None = None,
     momentum: float = 0.0,
     w_sample: float = 0.05,
     w_marginal: float = 0.5,
+    *,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """PCS MIM loss: ``w_sample · mean_i H(p_i) − w_marginal · H(p̄)`` (PCS §3.4).
 
@@ -58,32 +82,24 @@ def mutual_information_loss(
         momentum: weight in ``[0, 1)`` of ``marginal`` in the mixture (ignored when it is ``None``).
         w_sample: weight of the per-sample entropy (minimised); PCS: 0.05.
         w_marginal: weight of the marginal entropy (maximised); PCS: 0.5.
+        check: validate the arguments (False: trust the caller, no device sync).
 
     Returns:
         ``(loss, batch_marginal)``: scalar loss to minimise, and the ``[K]`` detached batch mean
         of ``probs`` (to update a running marginal; all-reduce it first under DDP).
     """
-    if probs.dim() != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
-        raise ValueError(f"probs must be a non-empty 2-D [B, K] tensor, got shape {tuple(probs.shape)}")
     p = probs.float()
-    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
-        raise ValueError("probs must be finite and non-negative (pass softmax outputs, not logits)")
-    row_sums = p.sum(dim=1)
-    if bool(((row_sums - 1.0).abs() > _ROW_SUM_TOL).any()):
-        raise ValueError(
-            f"each row of probs must sum to 1, got row sums in [{float(row_sums.min()):.4f}, "
-            f"{float(row_sums.max()):.4f}] (pass softmax outputs, not logits)"
-        )
-    if not (isinstance(momentum, int | float) and 0.0 <= momentum < 1.0):
-        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-    _check_weight("w_sample", w_sample)
-    _check_weight("w_marginal", w_marginal)
+    if check:
+        _check_probs(p)
+        _check_momentum(momentum, "a number")
+        _check_weight("w_sample", w_sample)
+        _check_weight("w_marginal", w_marginal)
+        if marginal is not None and marginal.shape != (p.shape[1],):
+            raise ValueError(f"marginal must have shape ({p.shape[1]},), got {tuple(marginal.shape)}")
 
     batch_marginal = p.mean(dim=0)  # [K]
     p_bar = batch_marginal
     if marginal is not None:
-        if marginal.shape != (p.shape[1],):
-            raise ValueError(f"marginal must have shape ({p.shape[1]},), got {tuple(marginal.shape)}")
         p_bar = momentum * marginal.detach().to(p) + (1.0 - momentum) * batch_marginal  # [K]
 
     sample_entropy = _entropy(p).mean()  # mean_i H(p_i), minimised: confident assignments
@@ -120,10 +136,9 @@ class MutualInformation(nn.Module):
         w_marginal: float = 0.5,
     ) -> None:
         super().__init__()
-        if isinstance(num_prototypes, bool) or not isinstance(num_prototypes, int) or num_prototypes < 1:
-            raise ValueError(f"num_prototypes must be an integer >= 1, got {num_prototypes!r}")
-        if momentum is not None and not (isinstance(momentum, int | float) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}")
+        check_int(num_prototypes, "num_prototypes")
+        if momentum is not None:
+            _check_momentum(momentum, "None or a number")
         _check_weight("w_sample", w_sample)
         _check_weight("w_marginal", w_marginal)
         self.momentum = momentum
@@ -137,8 +152,9 @@ class MutualInformation(nn.Module):
         self.marginal.fill_(1.0 / self.marginal.numel())
         self.num_seen.zero_()
 
-    def forward(self, probs: Tensor) -> Tensor:
-        """Return the MIM loss for ``probs [B, K]`` and update the running marginal."""
+    def forward(self, probs: Tensor, *, check: bool = True) -> Tensor:
+        """Return the MIM loss for ``probs [B, K]`` and update the running marginal (``check``: see
+        :func:`mutual_information_loss`)."""
         batch = probs.shape[0] if probs.dim() == 2 else 0
         seen = int(self.num_seen)
         if seen == 0:
@@ -148,7 +164,7 @@ class MutualInformation(nn.Module):
         else:
             weight = self.momentum
         loss, batch_marginal = mutual_information_loss(
-            probs, self.marginal, weight, w_sample=self.w_sample, w_marginal=self.w_marginal
+            probs, self.marginal, weight, w_sample=self.w_sample, w_marginal=self.w_marginal, check=check
         )
         with torch.no_grad():
             self.marginal.copy_(weight * self.marginal + (1.0 - weight) * batch_marginal.to(self.marginal))

@@ -15,7 +15,6 @@ they and the concentrations φ_c are constants here (detached): the gradient rea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -24,33 +23,15 @@ from torch import Tensor
 
 from cdretrieval.clustering.kmeans import ClusterResult
 from cdretrieval.losses.cds import cross_domain_entropy_loss
+from cdretrieval.validation import check_features_against, check_positions, check_positive, check_rows
 
 # PCS's `alpha` in φ_c = Σ‖v−μ_c‖ / (n_c·log(n_c + alpha)): damps φ of small clusters.
 _CONCENTRATION_ALPHA = 10.0
 
 
-def _check_features_prototypes(features: Tensor, prototypes: Tensor, name: str) -> None:
-    if features.dim() != 2 or features.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty 2-D [B, D] tensor, got shape {tuple(features.shape)}")
-    if prototypes.dim() != 2 or prototypes.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D [K, D] tensor, got shape {tuple(prototypes.shape)}")
-    if prototypes.shape[1] != features.shape[1]:
-        raise ValueError(
-            f"feature dimension mismatch: features have D={features.shape[1]}, {name} has D={prototypes.shape[1]}"
-        )
-
-
-def _check_assignments(assignments: Tensor, length: int, k: int, name: str) -> None:
-    if assignments.shape != (length,) or assignments.dtype != torch.long:
-        raise ValueError(
-            f"{name} must be an int64 tensor of shape ({length},), got shape {tuple(assignments.shape)} "
-            f"and dtype {assignments.dtype}"
-        )
-    if bool((assignments < 0).any()) or bool((assignments >= k).any()):
-        raise ValueError(f"{name} must lie in [0, {k}), got min {int(assignments.min())}, max {int(assignments.max())}")
-
-
-def prototypical_loss(features: Tensor, prototypes: Tensor, assignments: Tensor, concentration: Tensor) -> Tensor:
+def prototypical_loss(
+    features: Tensor, prototypes: Tensor, assignments: Tensor, concentration: Tensor, *, check: bool = True
+) -> Tensor:
     """In-domain prototypical contrastive loss: PCS §3.2 (ProtoNCE's prototype term, PCL).
 
     L = −(1/B) Σ_i log [ exp(f_i·μ_{c(i)}/φ_{c(i)}) / Σ_c exp(f_i·μ_c/φ_c) ]: cross-entropy of the
@@ -62,24 +43,28 @@ def prototypical_loss(features: Tensor, prototypes: Tensor, assignments: Tensor,
         assignments: ``[B]`` int64 cluster c(i) of each sample in ``[0, K)``.
         concentration: ``[K]`` positive per-cluster temperature φ_c (detached), see
             :func:`cluster_concentration`.
+        check: validate the arguments (False: trust the caller, no device sync).
 
     Returns:
         Scalar loss, mean over the batch.
     """
-    _check_features_prototypes(features, prototypes, "prototypes")
-    k = prototypes.shape[0]
-    _check_assignments(assignments, features.shape[0], k, "assignments")
-    if concentration.shape != (k,):
-        raise ValueError(f"concentration must have shape ({k},), got {tuple(concentration.shape)}")
-    if not bool((concentration > 0).all()) or not bool(torch.isfinite(concentration).all()):
-        raise ValueError(f"concentration must be finite and > 0, got min {float(concentration.min())}")
+    if check:
+        check_features_against(features, prototypes, "prototypes")
+        k = prototypes.shape[0]
+        check_positions(assignments, "assignments", features.shape[0], k)
+        if concentration.shape != (k,):
+            raise ValueError(f"concentration must have shape ({k},), got {tuple(concentration.shape)}")
+        if not bool((concentration > 0).all()) or not bool(torch.isfinite(concentration).all()):
+            raise ValueError(f"concentration must be finite and > 0, got min {float(concentration.min())}")
 
     phi = concentration.detach().to(features.dtype)  # [K]
     logits = features @ prototypes.detach().to(features.dtype).T / phi  # [B, K], column c scaled by 1/φ_c
     return F.cross_entropy(logits, assignments)
 
 
-def multi_prototypical_loss(features: Tensor, indices: Tensor, clusterings: Sequence[ClusterResult]) -> Tensor:
+def multi_prototypical_loss(
+    features: Tensor, indices: Tensor, clusterings: Sequence[ClusterResult], *, check: bool = True
+) -> Tensor:
     """PCS §3.2 in-domain prototypical loss averaged over several clusterings (PCL ProtoNCE's 1/M Σ_m).
 
     PCS/PCL run k-means several times (different k and seeds, e.g. k ∈ {K, 2K} × M runs) on the same
@@ -90,22 +75,24 @@ def multi_prototypical_loss(features: Tensor, indices: Tensor, clusterings: Sequ
         indices: ``[B]`` int64 positions of the batch samples in the domain's bank; the cluster of
             sample i in clustering m is ``clusterings[m].assignments[indices[i]]``.
         clusterings: clusterings of that domain's bank, each with ``concentration`` set.
+        check: validate the arguments (False: trust the caller, no device sync).
 
     Returns:
         Scalar loss, mean over clusterings of the batch-mean losses.
     """
-    if len(clusterings) == 0:
+    if check and len(clusterings) == 0:
         raise ValueError("clusterings is empty: need at least one ClusterResult")
     losses = []
     for m, clustering in enumerate(clusterings):
-        if clustering.concentration is None:
+        concentration = clustering.concentration
+        if concentration is None:  # not a value check: without φ there is no loss to compute
             raise ValueError(
                 f"clusterings[{m}].concentration is None: compute it with cluster_concentration(...) first"
             )
-        n = clustering.assignments.shape[0]
-        _check_assignments(indices, features.shape[0], n, "indices")
+        if check:
+            check_positions(indices, "indices", features.shape[0], clustering.assignments.shape[0])
         assigned = clustering.assignments.to(features.device)[indices.to(features.device)]  # [B]
-        losses.append(prototypical_loss(features, clustering.centroids, assigned, clustering.concentration))
+        losses.append(prototypical_loss(features, clustering.centroids, assigned, concentration, check=check))
     return torch.stack(losses).mean()
 
 
@@ -144,20 +131,16 @@ def cluster_concentration(
     Returns:
         ``[K]`` float32 φ on ``bank``'s device, all ≥ ``floor``; no gradient.
     """
-    if bank.dim() != 2 or bank.shape[0] == 0:
-        raise ValueError(f"bank must be a non-empty 2-D [N, D] tensor, got shape {tuple(bank.shape)}")
+    check_rows(bank, "bank")
     if centroids.dim() != 2 or centroids.shape[0] == 0 or centroids.shape[1] != bank.shape[1]:
         raise ValueError(
             f"centroids must be a non-empty [K, {bank.shape[1]}] tensor, got shape {tuple(centroids.shape)}"
         )
     k = centroids.shape[0]
-    _check_assignments(assignments, bank.shape[0], k, "assignments")
-    if not (isinstance(floor, int | float) and floor > 0 and math.isfinite(floor)):
-        raise ValueError(f"floor must be a finite number > 0, got {floor!r}")
-    if normalize_to is not None and not (
-        isinstance(normalize_to, int | float) and normalize_to > 0 and math.isfinite(normalize_to)
-    ):
-        raise ValueError(f"normalize_to must be None or a finite number > 0, got {normalize_to!r}")
+    check_positions(assignments, "assignments", bank.shape[0], k)
+    check_positive(floor, "floor")
+    if normalize_to is not None:
+        check_positive(normalize_to, "normalize_to")
 
     v = bank.detach().float()
     mu = centroids.detach().to(v.device, torch.float32)
@@ -182,7 +165,9 @@ def cluster_concentration(
     return phi.clamp_min(floor)
 
 
-def cross_domain_prototype_entropy(features: Tensor, other_prototypes: Tensor, temperature: float = 0.1) -> Tensor:
+def cross_domain_prototype_entropy(
+    features: Tensor, other_prototypes: Tensor, temperature: float = 0.1, *, check: bool = True
+) -> Tensor:
     """PCS §3.3 cross-domain instance–prototype self-supervision (entropy of instance→prototype softmax).
 
     p_i = softmax(f_i·μ'ᵀ/τ) over the prototypes μ' of the OTHER domain; L = (1/B) Σ_i H(p_i). Low
@@ -192,13 +177,15 @@ def cross_domain_prototype_entropy(features: Tensor, other_prototypes: Tensor, t
         features: ``[B, D]`` L2-normalised embeddings from domain d (gradient flows).
         other_prototypes: ``[K, D]`` L2-normalised centroids of another domain d' (detached).
         temperature: τ > 0 (PCS: 0.1).
+        check: validate the arguments (False: trust the caller).
 
     Returns:
         Scalar loss, mean entropy over the batch (nats).
     """
-    _check_features_prototypes(features, other_prototypes, "other_prototypes")
+    if check:
+        check_features_against(features, other_prototypes, "other_prototypes")
     # Same computation as CDS's cross-domain entropy with prototypes in place of bank rows.
-    return cross_domain_entropy_loss(features, other_prototypes, temperature=temperature, topk=None)
+    return cross_domain_entropy_loss(features, other_prototypes, temperature=temperature, topk=None, check=check)
 
 
 __all__ = [

@@ -19,7 +19,7 @@ export's, so the batch axis is known to be dynamic) before it is cached; the fil
 graph's metadata and a SHA-256 beside it, and a cached file is used only when the digest, the stamped key
 and ONNX Runtime all accept it. Anything else (truncated, altered, foreign, unloadable) is re-exported.
 
-Users: the training feature cache (:func:`cdretrieval.train.build_feature_cache`) and
+Users: the training feature cache (:func:`cdretrieval.feature_cache.build_feature_cache`) and
 :class:`cdretrieval.pipeline.LoadedModel` (embedding for indexing and evaluation, and
 :class:`~cdretrieval.retrieval.Retriever` queries), both with the encoder's backbone, so a frozen-mode run
 and its index share one cached graph per image side (docs/runtime.md).
