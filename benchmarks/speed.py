@@ -64,6 +64,7 @@ from cdretrieval.io import atomic_torch_save
 from cdretrieval.loading import LoadedModel, load_model
 from cdretrieval.losses.objective import active_terms, compute_losses
 from cdretrieval.prototypes import Prototypes, cluster_banks
+from cdretrieval.rerank import DEFAULT_RERANK
 from cdretrieval.retrieval import Retriever, query_to_image
 from cdretrieval.run import INDEX_DIR, encoder_from_config, save_checkpoint
 from cdretrieval.train import Trainer, make_optimizer
@@ -71,7 +72,12 @@ from cdretrieval.train import Trainer, make_optimizer
 SECTIONS = ("train", "embed", "latency", "index")
 TRAIN_RATIO_GOAL = 0.85  # full step img/s ÷ bare step img/s
 EMBED_RATIO_GOAL = 0.8  # end-to-end embedding img/s ÷ bare model img/s
-LATENCY_P50_GOAL_MS = 50.0  # single query, end to end
+LATENCY_P50_GOAL_MS = 50.0  # single query, end to end, up to 100k gallery vectors
+
+
+def latency_goal_ms(gallery: int) -> float:
+    """The p50 goal of issue 11 for a gallery of ``gallery`` vectors: 50 ms (10k), 100 ms from 1M vectors."""
+    return LATENCY_P50_GOAL_MS if gallery < 1_000_000 else 100.0
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -94,6 +100,7 @@ class SuiteOptions:
     embed_repeats: int = 3
     worker_counts: tuple[int, ...] = (0, 2)
     latency_gallery: int = 10_000
+    latency_rerank: bool = True  # the gallery's manifest records the default re-ranking: queries run αQE
     latency_queries: int = 200
     index_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     index_dim: int = 256
@@ -130,6 +137,8 @@ def preset(args: argparse.Namespace, workdir: Path) -> SuiteOptions:
         sections=tuple(args.sections.split(",")),
         threads=tuple(int(t) for t in args.threads.split(",")) if args.threads else (),
         faiss_threads=args.faiss_threads,
+        latency_gallery=args.latency_gallery,
+        latency_rerank=args.latency_rerank == "on",
     )
     if args.quick:
         opts = replace(opts, finetune_batch=16, train_repeats=2, embed_images=192, embed_repeats=2,
@@ -421,12 +430,22 @@ def make_bench_run(folder: Path, image_size: int, seed: int = 0) -> Path:
     return folder
 
 
-def add_random_gallery(run: Path, model: LoadedModel, n: int, domain: str = "gallery", seed: int = 0) -> None:
-    """Save an index (``auto`` type) of ``n`` random unit vectors of the model's dim as the run's index."""
+def add_random_gallery(
+    run: Path, model: LoadedModel, n: int, domain: str = "gallery", seed: int = 0, rerank: bool = False
+) -> None:
+    """Save an index (``auto`` type) of ``n`` random unit vectors of the model's dim as the run's index.
+
+    ``rerank``: the manifest records :data:`~cdretrieval.rerank.DEFAULT_RERANK`, so every query runs αQE (one
+    extra search and ``qe_k`` stored vectors per query), as over an index built with re-ranking. DBA is not
+    computed: it changes the stored vectors at index time only, not what a query costs (random vectors either way).
+    """
     vectors = np.random.default_rng(seed).standard_normal((n, model.dim), dtype=np.float32)
     items = [Item(f"gallery/{i:07d}.png", domain) for i in range(n)]
     iset = IndexSet.build({domain: vectors}, {domain: items}, model.model_hash, "auto", use_gpu=False)
+    del vectors
     iset[domain].manifest.update(feature=model.feature, backbone=model.backbone, image_size=model.image_size)
+    if rerank:
+        iset[domain].manifest["rerank"] = DEFAULT_RERANK.to_dict()
     iset.save(run / INDEX_DIR)
 
 
@@ -504,6 +523,7 @@ def bench_latency(
         "gallery": len(retriever.indexes[domain]),
         "gallery_vectors": "random unit vectors of the model's dim (search cost does not depend on the values)",
         "index_type": info["index_types"][domain],
+        "rerank": info["rerank"],
         "dim": info["dim"],
         "backbone": model.backbone,
         "image_size": model.image_size,
@@ -573,8 +593,9 @@ def summary_rows(payload: Mapping[str, Any]) -> list[list[Any]]:
     if "latency" in payload:
         for t, parts in payload["latency"]["split_by_threads"].items():
             p50 = parts["end_to_end"]["p50_ms"]
-            rows.append([f"single-query latency p50 ms, {t} threads", round(p50, 1), f"≤ {LATENCY_P50_GOAL_MS}",
-                         _yes(p50 <= LATENCY_P50_GOAL_MS)])
+            goal = latency_goal_ms(payload["latency"]["gallery"])
+            rows.append([f"single-query latency p50 ms, {payload['latency']['gallery']:,} vectors, {t} threads",
+                         round(p50, 1), f"≤ {goal:g}", _yes(p50 <= goal)])
     return rows
 
 
@@ -625,13 +646,14 @@ def run_suite(opts: SuiteOptions) -> tuple[dict[str, Any], str]:
                     f"{e['image_size']} px", embed_table(payload["embed"]))
         if "latency" in opts.sections:
             t0 = time.perf_counter()
-            add_random_gallery(run, model, opts.latency_gallery)
+            add_random_gallery(run, model, opts.latency_gallery, rerank=opts.latency_rerank)
             paths = [s.path for s in subset(opts.data_root, opts.latency_queries)]
             payload["latency"] = bench_latency(opts, run, paths)
             _log(f"latency done in {time.perf_counter() - t0:.0f} s")
             lat = payload["latency"]
+            qe = "with αQE re-ranking" if lat["rerank"] else "no re-ranking"
             section(f"3. Single-query latency: Retriever.search, {lat['gallery']:,}-vector {lat['index_type']} "
-                    f"gallery ({lat['queries']} queries, k={lat['k']})", latency_table(lat))
+                    f"gallery, {qe} ({lat['queries']} queries, k={lat['k']})", latency_table(lat))
     if "index" in opts.sections:
         payload["index"] = bench_indexes(opts.index_sizes, dim=opts.index_dim, n_queries=opts.index_queries,
                                          k=opts.k, repeats=opts.index_repeats, use_gpu=opts.use_gpu,
@@ -655,6 +677,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default="", help="image data root (default ../shared/data/pacs, else the demo data)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--threads", default="", help="torch CPU thread counts to compare, e.g. 1,2 (default: current)")
+    ap.add_argument("--latency-gallery", type=int, default=10_000, help="vectors in the latency section's gallery")
+    ap.add_argument("--latency-rerank", choices=("on", "off"), default="on",
+                    help="latency gallery's manifest records the default re-ranking (αQE per query), or not")
     ap.add_argument("--faiss-threads", type=int, default=None, help="FAISS threads for the index section")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cdr-speed-") as tmp:

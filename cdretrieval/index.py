@@ -28,6 +28,7 @@ index stays the source of truth and is what gets saved. With faiss-cpu nothing G
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -122,13 +123,13 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def normalised_rows(
-    x: Any, name: str, error: type[ValueError], expected_dim: int | None = None, allow_1d: bool = False
-) -> np.ndarray:
-    """Validate ``x`` as [N, D] finite non-zero vectors and return them L2-normalised, float32, C-contiguous.
+#: Rows validated and normalised at a time: the float64 temporaries stay ≤ NORMALISE_CHUNK × D (8 MiB at
+#: D = 256) however many rows there are (a float64 copy of 1M × 256 rows was 2 GiB, issue 11).
+NORMALISE_CHUNK = 4096
 
-    Raises ``error`` (the caller's exception class) naming ``name`` and the bad shape or row.
-    """
+
+def _rows_2d(x: Any, name: str, error: type[ValueError], expected_dim: int | None, allow_1d: bool) -> np.ndarray:
+    """``x`` as a 2-D array view ``[N, D]`` (no copy), its shape checked; raises ``error`` naming ``name``."""
     a = _to_numpy(x)
     if allow_1d and a.ndim == 1:
         a = a[None, :]  # one query [D] -> [1, D]
@@ -138,18 +139,88 @@ def normalised_rows(
         raise error(f"{name} have dim {a.shape[1]}, but the index has dim {expected_dim}")
     if a.shape[1] == 0:
         raise error(f"{name} have dimension 0 (shape {a.shape})")
+    return a
+
+
+def normalised_blocks(
+    a: np.ndarray, name: str, error: type[ValueError], chunk: int = NORMALISE_CHUNK
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Validate and L2-normalise the 2-D array ``a`` ``chunk`` rows at a time: yields ``(first row, block)``
+    with ``block`` a new ``[c, D]`` float32 C-contiguous array of unit rows.
+
+    Each block is computed as :func:`normalised_rows` computes the whole array (norms in float64: no overflow
+    for large float32 values), so the blocks stacked are exactly its result; only one block's float64
+    temporaries exist at a time. Raises ``error`` at the first non-numeric, non-finite or all-zero row
+    (blocks before it have been yielded).
+    """
+    if a.shape[0] == 0:
+        try:
+            a.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise error(f"{name} must be numeric, got dtype {a.dtype}") from e
+        return
+    for start in range(0, a.shape[0], chunk):
+        try:
+            b64 = a[start : start + chunk].astype(np.float64)  # [c, D]
+        except (TypeError, ValueError) as e:
+            raise error(f"{name} must be numeric, got dtype {a.dtype}") from e
+        finite = np.isfinite(b64).all(axis=1)  # [c]
+        if not finite.all():
+            raise error(f"{name} row {start + int(np.flatnonzero(~finite)[0])} contains NaN or infinite values")
+        norms = np.linalg.norm(b64, axis=1, keepdims=True)  # [c, 1]
+        if (norms == 0).any():
+            raise error(f"{name} row {start + int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros and cannot "
+                        "be L2-normalised")
+        b64 /= norms  # in place: one float64 block, not two
+        yield start, np.ascontiguousarray(b64, dtype=np.float32)
+
+
+def normalised_rows(
+    x: Any, name: str, error: type[ValueError], expected_dim: int | None = None, allow_1d: bool = False
+) -> np.ndarray:
+    """Validate ``x`` as [N, D] finite non-zero vectors and return them L2-normalised, float32, C-contiguous.
+
+    One new float32 array; no float64 copy of ``x`` (rows are done in blocks, :func:`normalised_blocks`).
+    Raises ``error`` (the caller's exception class) naming ``name`` and the bad shape or row.
+    """
+    a = _rows_2d(x, name, error, expected_dim, allow_1d)
+    out = np.empty(a.shape, np.float32)
+    for start, block in normalised_blocks(a, name, error):
+        out[start : start + block.shape[0]] = block
+    return out
+
+
+#: CPU searches of fewer queries than this run on one OpenMP thread (see :func:`_few_query_threads`).
+FEW_QUERIES = 8
+
+
+@contextlib.contextmanager
+def _few_query_threads(n_queries: int, on_cpu: bool) -> Iterator[None]:
+    """One FAISS OpenMP thread for a CPU search of fewer than :data:`FEW_QUERIES` queries, restored after.
+
+    FAISS splits a search over its queries: a single query gains nothing from a second thread, and on a busy
+    2-core machine waking it cost milliseconds (a 10k flat search of one query: 1.3 ms with 2 threads, 0.25 ms
+    with 1; up to 26 ms under load). OpenMP's thread count is per calling thread, so concurrent searches in
+    other threads are not affected.
+    """
+    if not on_cpu or n_queries >= FEW_QUERIES:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
     try:
-        a64 = a.astype(np.float64)  # norms in float64: no overflow for large float32 values
-    except (TypeError, ValueError) as e:
-        raise error(f"{name} must be numeric, got dtype {a.dtype}") from e
-    if not np.isfinite(a64).all():
-        bad = int(np.flatnonzero(~np.isfinite(a64).all(axis=1))[0])
-        raise error(f"{name} row {bad} contains NaN or infinite values")
-    norms = np.linalg.norm(a64, axis=1, keepdims=True)  # [N, 1]
-    if (norms == 0).any():
-        bad = int(np.flatnonzero(norms[:, 0] == 0)[0])
-        raise error(f"{name} row {bad} is all zeros and cannot be L2-normalised")
-    return np.ascontiguousarray(a64 / norms, dtype=np.float32)
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _add_normalised(index: faiss.Index, a: np.ndarray, name: str) -> None:
+    """Add the rows of ``a`` to ``index`` L2-normalised, one block at a time (no full normalised copy).
+
+    Raises ``DataError`` at the first bad row; ``index`` then holds the rows before it (callers discard it).
+    """
+    for _, block in normalised_blocks(a, name, DataError):
+        index.add(block)
 
 
 def _check_items(items: Sequence[Item], n: int, domain: str) -> list[Item]:
@@ -513,14 +584,17 @@ class DomainIndex:
             raise DataError(
                 f"domain {domain!r} has no embeddings to index (shape {x.shape}); is its image folder empty?"
             )
-        x = normalised_rows(x, f"embeddings of domain {domain!r}", DataError)  # [N, D] unit rows
-        n, dim = x.shape
-        items = _check_items(items, n, domain)
+        what = f"embeddings of domain {domain!r}"
+        a = _rows_2d(x, what, DataError, None, False)  # [N, D], the caller's array (never modified)
+        n, dim = a.shape
         rerank = _check_rerank(rerank)
+        unit: np.ndarray | None = None  # [N, D] unit rows when they must all exist at once
         dba_graph = None
         if rerank is not None and rerank.uses_dba:
+            unit = normalised_rows(a, what, DataError)
             dba_graph = knn_graph_method(n)
-            x = database_side_augmentation(x, rerank)  # [N, D] unit rows, replaces the raw vectors
+            unit = database_side_augmentation(unit, rerank)  # [N, D] unit rows, replaces the raw vectors
+        items = _check_items(items, n, domain)
 
         requested = index_type
         if index_type == "auto":
@@ -529,9 +603,16 @@ class DomainIndex:
             index_type, n, dim, domain, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
             ef_construction=ef_construction, pq_m=pq_m,
         )
+        # Memory: besides the index, at most one normalised copy of the vectors exists (for DBA, or while an
+        # IVF type trains; freed before the adding starts), else one block of them (NORMALISE_CHUNK rows).
         if not index.is_trained:
-            index.train(x)  # k-means (coarse lists, PQ codebooks) on the domain's own vectors
-        index.add(x)
+            training = unit if unit is not None else normalised_rows(a, what, DataError)
+            index.train(training)  # k-means (coarse lists, PQ codebooks) on the domain's own vectors
+            del training
+        if unit is not None:
+            index.add(unit)
+        else:
+            _add_normalised(index, a, what)  # the same unit rows, block by block
 
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -562,6 +643,8 @@ class DomainIndex:
         x = _to_numpy(embeddings)
         if x.ndim == 2 and x.shape[0] == 0 and len(items) == 0:
             return
+        # One float32 normalised copy of the batch (all rows checked before any is added: a bad row leaves
+        # the index unchanged); no float64 copy.
         x = normalised_rows(x, "added embeddings", DataError, expected_dim=self.dim)
         new_items = _check_items(items, x.shape[0], self.domain)
         if self.rerank is not None and self.rerank.uses_dba and len(self) > 0:
@@ -592,7 +675,8 @@ class DomainIndex:
         if q.shape[0] == 0:
             return np.empty((0, k_eff), np.float32), np.empty((0, k_eff), np.int64)
         index = self._gpu_index if self._gpu_index is not None and k_eff <= GPU_MAX_K else self.index
-        scores, ids = index.search(q, k_eff)  # [Q, k'] each
+        with _few_query_threads(q.shape[0], index is self.index):
+            scores, ids = index.search(q, k_eff)  # [Q, k'] each
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids.astype(np.int64)
 

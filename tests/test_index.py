@@ -326,3 +326,68 @@ def test_gpu_search_matches_cpu(tmp_path: Path, data: tuple[np.ndarray, np.ndarr
     _, ids_cpu = cpu.search(q, 10)
     assert recall_at(ids_gpu, ids_cpu) >= (0.99 if index_type != "ivfpq" else 0.8)
     assert DomainIndex.load(tmp_path / "p").on_gpu  # the saved CPU index moves to GPU on load
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalisation in blocks (no float64 copy of the whole array) gives exactly the vectors it gave before
+
+
+def _normalised_before(a: np.ndarray) -> np.ndarray:
+    """The earlier ``normalised_rows``: one float64 copy of everything, divided by its float64 norms."""
+    a64 = a.astype(np.float64)
+    return np.ascontiguousarray(a64 / np.linalg.norm(a64, axis=1, keepdims=True), dtype=np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int64])
+def test_normalised_rows_in_blocks_equal_the_whole_array_version(dtype: type) -> None:
+    """Bit for bit, across block boundaries, with float32 values whose squares overflow float32."""
+    from cdretrieval.index import NORMALISE_CHUNK, normalised_blocks, normalised_rows
+
+    rng = np.random.default_rng(0)
+    n = 2 * NORMALISE_CHUNK + 123
+    a = (rng.standard_normal((n, 24)) * 100).astype(dtype)
+    if dtype in (np.float32, np.float64):
+        a[5] *= 1e30  # ‖row‖² overflows float32
+    want = _normalised_before(a)
+    got = normalised_rows(a, "x", DataError)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, want)
+    blocks = list(normalised_blocks(a, "x", DataError, chunk=1000))
+    assert [s for s, _ in blocks] == list(range(0, n, 1000))
+    assert np.array_equal(np.concatenate([b for _, b in blocks]), want)
+    assert np.array_equal(normalised_rows(a.T.copy().T, "x", DataError), want)  # Fortran order in, same out
+
+
+def test_normalised_rows_report_the_bad_row_past_the_first_block() -> None:
+    from cdretrieval.index import NORMALISE_CHUNK, normalised_rows
+
+    a = np.ones((NORMALISE_CHUNK + 10, 8), np.float32)
+    a[NORMALISE_CHUNK + 3, 2] = np.nan
+    with pytest.raises(DataError, match=f"row {NORMALISE_CHUNK + 3} contains NaN"):
+        normalised_rows(a, "x", DataError)
+    a[NORMALISE_CHUNK + 3] = 0
+    with pytest.raises(DataError, match=f"row {NORMALISE_CHUNK + 3} is all zeros"):
+        normalised_rows(a, "x", DataError)
+    with pytest.raises(DataError, match="numeric"):
+        normalised_rows(np.array([["a", "b"]]), "x", DataError)
+    assert normalised_rows(np.zeros((0, 4), np.float32), "x", DataError).shape == (0, 4)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_build_stores_the_same_unit_vectors_and_leaves_the_input_alone(index_type: str) -> None:
+    """Building adds the rows normalised block by block: the stored vectors are exactly the earlier
+    normalisation's, and the caller's array is not modified."""
+    from cdretrieval.index import NORMALISE_CHUNK
+
+    rng = np.random.default_rng(1)
+    n = NORMALISE_CHUNK + 500
+    a = (rng.standard_normal((n, 16)) * 3).astype(np.float32)
+    before = a.copy()
+    items = [Item(f"p/{i}.png", "d") for i in range(n)]
+    idx = DomainIndex.build(a, items, "d", "h", index_type, nlist=32, use_gpu=False)
+    assert np.array_equal(a, before)
+    rows = np.arange(0, n, 97)
+    assert np.array_equal(idx.reconstruct(rows), _normalised_before(a)[rows])
+    bad = a.copy()
+    bad[n - 1] = 0
+    with pytest.raises(DataError, match=f"row {n - 1} is all zeros"):
+        DomainIndex.build(bad, items, "d", "h", index_type, nlist=32, use_gpu=False)
