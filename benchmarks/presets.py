@@ -1,4 +1,4 @@
-"""Benchmark presets (Office-Home, DomainNet, DomainNet-7, PACS, digits) and their data-layout checks.
+"""Benchmark presets (Office-Home, DomainNet, DomainNet-7, PACS, digits, the demo) and their data-layout checks.
 
 A preset says where a data set usually lives, which domains and cut-offs ``k`` it is scored with, which
 training settings differ from ``RunConfig()`` for it, which classes it keeps, and how its held-out
@@ -16,13 +16,19 @@ DomainNet-7
     are visually distinct (vehicles, animals, an object, a fruit), appear in all six domains, and have
     enough images per domain for P@200 to mean something. Pass ``--classes`` to score another subset;
     numbers are comparable with the papers only when the class list is the same.
+
+demo
+    The embedded demo digits (:mod:`cdretrieval.data.demo`: ``ink``, ``outline``, ``photo``). Its default
+    root is the generated demo data (written on first use, as ``cdretrieval demo`` does), and its
+    overrides are exactly what :func:`cdretrieval.workflow.demo_config` changes from ``RunConfig()``, so
+    the benchmark trains the shipped demo config.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -61,6 +67,8 @@ class Preset:
         overrides: dotted ``RunConfig`` fields that differ from the project defaults for this data set.
         classes: class subset kept for training and evaluation (None = all).
         grid_pair: (query domain, gallery domain) of the retrieval picture.
+        generated_root: for data we generate ourselves (the demo): ``create → root``; with ``create`` it
+            writes the data when absent. None: the data lives under the shared data folder.
     """
 
     name: str
@@ -75,9 +83,13 @@ class Preset:
     overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     classes: tuple[str, ...] | None = None
     grid_pair: tuple[str, str] | None = None
+    generated_root: Callable[[bool], Path] | None = None
 
-    def default_root(self) -> Path:
-        """``$CDRETRIEVAL_SHARED_DATA/<data_dir>``, else ``<repo>/../shared/data/<data_dir>``."""
+    def default_root(self, create: bool = True) -> Path:
+        """``$CDRETRIEVAL_SHARED_DATA/<data_dir>``, else ``<repo>/../shared/data/<data_dir>``; for generated
+        data (the demo) its folder, generated first when ``create`` and absent."""
+        if self.generated_root is not None:
+            return self.generated_root(create)
         shared = os.environ.get("CDRETRIEVAL_SHARED_DATA")
         base = Path(shared).expanduser() if shared else REPO.parent / "shared" / "data"
         return base / self.data_dir
@@ -85,13 +97,39 @@ class Preset:
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (what the results file records)."""
         return {
-            "name": self.name, "title": self.title, "default_root": str(self.default_root()),
+            "name": self.name, "title": self.title, "default_root": str(self.default_root(create=False)),
             "domains": list(self.domains), "ks": list(self.ks), "num_classes": self.num_classes,
             "layout": self.layout, "split_lists": list(self.split_lists) if self.split_lists else None,
             "lists_required": self.lists_required, "overrides": dict(self.overrides),
             "classes": list(self.classes) if self.classes else None,
             "grid_pair": list(self.grid_pair) if self.grid_pair else None,
         }
+
+
+def _demo_root(create: bool) -> Path:
+    from cdretrieval.data.demo import default_demo_root, generate_demo_data
+
+    return generate_demo_data() if create else default_demo_root()
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def demo_overrides() -> dict[str, Any]:
+    """The dotted fields in which the shipped demo config differs from ``RunConfig()`` (root and domains aside)."""
+    from cdretrieval.config import RunConfig
+    from cdretrieval.workflow import demo_config
+
+    default = _flatten(RunConfig().to_dict())
+    demo = _flatten(demo_config("", None, is_demo_data=True).to_dict())
+    return {k: v for k, v in demo.items() if default.get(k) != v and k not in ("data.root", "data.domains")}
 
 
 def presets() -> dict[str, Preset]:
@@ -128,6 +166,10 @@ def presets() -> dict[str, Preset]:
                 {"data.image_size": 64, "data.hflip": 0.0, "data.min_scale": 0.5}
             ),
             grid_pair=("mnist", "mnistm"),
+        ),
+        Preset(
+            "demo", "Demo digits (ink / outline / photo)", "demo", ("ink", "outline", "photo"), (1, 5, 15), 10,
+            overrides=MappingProxyType(demo_overrides()), grid_pair=("ink", "photo"), generated_root=_demo_root,
         ),
     ]
     return {p.name: p for p in items}

@@ -19,16 +19,22 @@ from cdretrieval.run import CHECKPOINT_FILE, INDEX_DIR, load_checkpoint, load_en
 
 
 def demo_config(data_root: str, domains: list[str] | None, *, is_demo_data: bool) -> RunConfig:
-    """The demo's run config: the defaults, with no mirroring for the embedded digits (a mirrored 2 is not a 2).
+    """The demo's run config: the defaults, and for the embedded digits the settings that suit digits.
 
-    The digits are rendered at 64 px but embedded at the default 128 px: Lite0's features of the upsampled
-    images separate them better (no-adaptation mAP 0.217 at 128 px vs 0.179 at 64 px, measured here).
+    For the embedded digits (rendered at 128 px, the default image size): no mirroring (a mirrored 2 is
+    not a 2); random crops of at least 60 % of the image (the default 35 % crops whole strokes away,
+    as the ``digits`` benchmark preset also avoids); 20 epochs (the data set is small: 1,797 images).
+    Measured on the demo's held-out split (``python -m benchmarks.quality --preset demo --protocol
+    heldout``, seed 0, no re-ranking): defaults with hflip off 0.408 mAP, + min_scale 0.6 0.415,
+    + 20 epochs 0.436. The clusters stay on the label-free rule (K = 10, 2K = 20 here).
     """
     cfg = RunConfig()
     cfg.data.root = str(data_root)
     cfg.data.domains = list(domains or [])
     if is_demo_data:
         cfg.data.hflip = 0.0
+        cfg.data.min_scale = 0.6
+        cfg.train.epochs = 20
     return cfg
 
 

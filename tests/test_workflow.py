@@ -52,4 +52,6 @@ def test_demo_trains_indexes_then_reuses(demo_root: Path, tmp_path: Path, capsys
 def test_demo_config_defaults() -> None:
     cfg = demo_config("/data", ["a", "b"], is_demo_data=True)
     assert cfg.data.hflip == 0.0 and cfg.data.domains == ["a", "b"] and cfg.data.image_size == 128
-    assert demo_config("/data", None, is_demo_data=False).data.hflip == 0.5
+    assert cfg.data.min_scale == 0.6 and cfg.train.epochs == 20 and not cfg.losses.num_clusters  # label-free K
+    other = demo_config("/data", None, is_demo_data=False)
+    assert other.to_dict() == {**RunConfig().to_dict(), "data": {**RunConfig().to_dict()["data"], "root": "/data"}}

@@ -18,11 +18,14 @@ PACS = ("art_painting", "cartoon", "photo", "sketch")
 
 def test_every_preset_is_described() -> None:
     names = set(presets())
-    assert names == {"officehome", "domainnet", "domainnet7", "pacs", "digits"}
+    assert names == {"officehome", "domainnet", "domainnet7", "pacs", "digits", "demo"}
     assert get_preset("domainnet").ks == (50, 100, 200) and get_preset("pacs").ks == (1, 5, 15)
     assert get_preset("domainnet7").classes == DOMAINNET7_CLASSES and len(DOMAINNET7_CLASSES) == 7
     assert get_preset("digits").overrides["data.hflip"] == 0.0
     assert get_preset("pacs").default_root().name == "pacs"
+    demo = get_preset("demo")  # trains exactly the shipped demo config, on the generated demo data
+    assert demo.overrides == {"data.hflip": 0.0, "data.min_scale": 0.6, "train.epochs": 20}
+    assert demo.default_root(create=False).name.startswith("demo-digits-v")
     with pytest.raises(ValueError, match="unknown preset 'office'"):
         get_preset("office")
 
