@@ -2,8 +2,9 @@
 
 Page (top to bottom on a phone, two columns on a desktop):
 
-* the query — an *Upload* tab (image file) and a *Draw* tab (white canvas, black brush) — the query domain
-  ("auto": detected by the index's domain detector; or an indexed domain), the domains to search (none
+* the query — an *Upload* tab (image file) and a *Draw* tab (white canvas, black brush; the drawing is
+  redrawn as an ``ink`` image of the demo, :func:`prepare_sketch`) — the query domain ("auto": detected by
+  the index's domain detector; or an indexed domain), the domains to search (none
   ticked: every domain but the query's), ``k`` (1–50) and a Search button;
 * a status line — what was searched ("detected: ink (0.97)", the domains searched) or what went wrong; an
   error stays there until the next search (no fading toasts);
@@ -87,6 +88,15 @@ SKETCH_CANVAS = (400, 400)
 SKETCH_BRUSH_RADIUS = 16  # px on the 400 px canvas: about the stroke width of a pen sketch at 64–224 px
 SKETCH_WHITE = 245  # a canvas whose every pixel is at least this bright counts as empty
 SKETCH_MARGIN = 0.18  # white margin around the drawing's bounding box, as a fraction of its size
+# A drawing is redrawn as a pen stroke like the demo's ``ink`` domain (cdretrieval/data/demo.py): its centre
+# line, smoothed, redrawn with a round pen of a fixed width relative to the image, centred, its longer side
+# SKETCH_FILL of the image. Sizes are at 128 px and scale with the image.
+SKETCH_FILL = 1 / (1 + 2 * SKETCH_MARGIN)  # 0.735: the longer side of the drawing / the image side
+SKETCH_PEN_RADIUS = 4.0  # px at 128 px (the ink domain's pen), whatever the brush and the drawing's size
+SKETCH_PEN_BLUR = 0.8  # px at 128 px: the soft edge of the ink domain's pen
+SKETCH_SMOOTHING = 0.05  # Gaussian sigma of the centre line's smoothing, as a fraction of the drawing's size
+SKETCH_SIZE = 128  # side of the prepared query when the model's input size is not known
+_SKETCH_WORK = 4  # the centre line is traced at this multiple of the output resolution
 _THUMB_CACHE_SIZE = 2048
 RESULT_FILES_KEPT = 256  # per-search CSV/JSON download folders kept on disk (oldest removed first)
 UPLOADED = "the uploaded image"
@@ -264,11 +274,38 @@ def load_upload(path: str | os.PathLike[str] | None, max_bytes: int, display_nam
         raise QueryInputError(str(e).replace(str(p), name)) from None
 
 
-def prepare_sketch(value: Any) -> Image.Image:
-    """The drawing of a Sketchpad value (composite on white), cropped to its strokes with a white margin.
+def _disc(radius: float) -> np.ndarray:
+    r = int(radius) + 1
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return np.asarray((xx**2 + yy**2) <= radius * radius)
 
-    Raises :class:`QueryInputError` when nothing was drawn (all white or transparent).
+
+def _ridge(blob: np.ndarray, min_depth: float = 1.5) -> tuple[np.ndarray, float]:
+    """The centre line of a stroke mask (the ridge of its distance transform) and the stroke's median
+    half-width; ridge points shallower than ``min_depth`` or half the median half-width (corner spurs) are
+    dropped."""
+    from scipy import ndimage as ndi
+
+    dist = ndi.distance_transform_edt(blob)
+    ridge = blob & (dist >= ndi.maximum_filter(dist, size=3) - 0.5)
+    half = float(np.median(dist[ridge])) if ridge.any() else 0.0
+    return ridge & (dist >= max(min_depth, 0.5 * half)), half
+
+
+def prepare_sketch(value: Any, size: int = SKETCH_SIZE) -> Image.Image:
+    """The drawing of a Sketchpad value redrawn as the demo's ``ink`` domain draws a digit: a ``size`` px
+    RGB image, white paper, the drawing's centre line (smoothed) redrawn with a round black pen of a fixed
+    width (:data:`SKETCH_PEN_RADIUS` at 128 px, soft edge), centred, its longer side :data:`SKETCH_FILL`
+    of the image.
+
+    The brush width and how large the drawing is on the canvas therefore do not change the query: cropped
+    as drawn, a brush 16 px in radius gave strokes 5 to 21 px wide at 128 px (ink: about 10), and the
+    polygonal corners of a mouse drawing made the domain detector call it ``photo`` (see docs/ui.md).
+    The composite is flattened on white (transparent = paper). Raises :class:`QueryInputError` when nothing
+    was drawn (all white or transparent).
     """
+    from scipy import ndimage as ndi
+
     if isinstance(value, dict) and isinstance(value.get("error"), str):  # refused by guarded_sketch
         raise QueryInputError(value["error"])
     img = value.get("composite") if isinstance(value, dict) else value
@@ -287,12 +324,46 @@ def prepare_sketch(value: Any) -> Image.Image:
         raise QueryInputError("the canvas is empty: draw something in the Draw tab first")
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    side = max(bottom - top, right - left)
-    side = math.ceil(side * (1 + 2 * SKETCH_MARGIN))
-    square = Image.new("RGB", (side, side), "white")
-    crop = img.convert("RGB").crop((left, top, right, bottom))
-    square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
-    return square
+    dark = 1.0 - grey[top:bottom, left:right].astype(np.float32) / 255.0
+    dark = dark / max(float(dark.max()), 1e-6)  # a grey pen counts as black
+    k = size / 128
+    # Scale the drawing so that its centre line spans what the ink pen leaves inside the framed digit.
+    _, half = _ridge(dark > 0.5, min_depth=0.0)
+    span = max(bottom - top, right - left) - 2 * half
+    target = (SKETCH_FILL * size - 2 * (SKETCH_PEN_RADIUS + SKETCH_PEN_BLUR) * k) * _SKETCH_WORK
+    scale = target / max(span, 1.0)
+    w, h = max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale))
+    pad = math.ceil(0.2 * target)
+    blob = np.zeros((h + 2 * pad, w + 2 * pad), dtype=bool)
+    small = Image.fromarray((dark * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+    blob[pad : pad + h, pad : pad + w] = np.asarray(small) > 127
+    if not blob.any():  # a hairline shrunk away: keep every touched pixel
+        blob[pad : pad + h, pad : pad + w] = np.asarray(small) > 0
+    # Round the corners of a mouse drawing (thicken, blur, threshold), then trace its centre line.
+    sigma = SKETCH_SMOOTHING * target
+    thick = ndi.binary_dilation(blob, structure=_disc(0.5 * sigma))
+    smooth = ndi.gaussian_filter(thick.astype(np.float32), sigma) > 0.5
+    ridge, _ = _ridge(smooth if smooth.any() else thick)
+    if not ridge.any():  # a dot
+        ridge = smooth if smooth.any() else thick
+    # Down to the output resolution (a pixel is on when its block holds a ridge pixel), then the ink pen.
+    n = _SKETCH_WORK
+    hh, ww = -(-ridge.shape[0] // n), -(-ridge.shape[1] // n)
+    blocks = np.zeros((hh * n, ww * n), dtype=bool)
+    blocks[: ridge.shape[0], : ridge.shape[1]] = ridge
+    line = blocks.reshape(hh, n, ww, n).any(axis=(1, 3))
+    stroke = ndi.binary_dilation(line, structure=_disc(SKETCH_PEN_RADIUS * k))
+    m = np.clip(ndi.gaussian_filter(stroke.astype(np.float32), SKETCH_PEN_BLUR * k) * 1.6, 0.0, 1.0)
+    # Frame it as the ink domain does: centred, the longer side SKETCH_FILL of the image.
+    ys, xs = np.nonzero(m > 0.05)
+    top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    fit = SKETCH_FILL * size / max(bottom - top, right - left)
+    crop = Image.fromarray((m[top:bottom, left:right] * 255).round().astype(np.uint8))
+    crop = crop.resize((max(1, round((right - left) * fit)), max(1, round((bottom - top) * fit))),
+                       Image.Resampling.BILINEAR)
+    framed = Image.new("L", (size, size), 0)
+    framed.paste(crop, ((size - crop.width) // 2, (size - crop.height) // 2))
+    return Image.fromarray(255 - np.asarray(framed)).convert("RGB")
 
 
 def display_file(path: str, data_root: str | None) -> str:
@@ -579,6 +650,7 @@ class SearchService:
         self.thumbnails = ThumbnailCache(files=self.images)
         self.files = ResultFiles()
         self.served = served
+        self.sketch_size = int(info.get("image_size") or SKETCH_SIZE)  # a drawing is prepared at the model's size
 
     # -- searching ------------------------------------------------------------------------------------
     def search(
@@ -646,7 +718,7 @@ class SearchService:
         """
         name = DRAWING if mode == "draw" else (query_name or UPLOADED)
         try:
-            query = prepare_sketch(sketch) if mode == "draw" else load_upload(upload, self.max_bytes)
+            query = prepare_sketch(sketch, self.sketch_size) if mode == "draw" else load_upload(upload, self.max_bytes)
             gallery, payload, results = self.search(query, source, targets, k, _plain(name))
         except (QueryInputError, CDRetrievalError) as e:
             return self._error(str(e))

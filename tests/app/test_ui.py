@@ -276,6 +276,66 @@ def test_prepare_sketch_rejects_empty_canvas_and_crops_drawing() -> None:
     assert abs((xs.min() + xs.max()) / 2 - out.width / 2) <= 2
 
 
+def _stroke_stats(img: Image.Image) -> tuple[float, float, float, float]:
+    """``(longer side / image side, centre row, centre column, stroke width)`` of the dark strokes of ``img``
+    (width: twice the area over the perimeter of the pixels darker than mid-grey)."""
+    from scipy import ndimage as ndi
+
+    dark = np.asarray(img.convert("L")) < 128
+    ys, xs = np.nonzero(dark)
+    fill = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) / img.width
+    perimeter = (dark & ~ndi.binary_erosion(dark)).sum()
+    return fill, (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2, 2 * dark.sum() / perimeter
+
+
+def _drawn_seven(canvas: int, radius: int, scale: float, offset: tuple[float, float]) -> Image.Image:
+    """A "7" as the Sketchpad's composite holds it: black round-brush strokes (Gradio's brush size is a
+    radius), antialiased, on a transparent canvas."""
+    from PIL import ImageDraw
+
+    ss = 4
+    big = Image.new("L", (canvas * ss, canvas * ss), 0)
+    draw = ImageDraw.Draw(big)
+    cx, cy, r = (0.5 + offset[0]) * canvas * ss, (0.5 + offset[1]) * canvas * ss, radius * ss
+    points = [(cx + x * scale * canvas * ss, cy + y * scale * canvas * ss)
+              for x, y in ((-0.25, -0.3), (0.25, -0.3), (-0.05, 0.32))]
+    draw.line(points, fill=255, width=2 * r, joint="curve")
+    for x, y in points:
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+    strokes = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))
+    strokes.putalpha(big.resize((canvas, canvas), Image.Resampling.LANCZOS))
+    return strokes
+
+
+def test_prepare_sketch_frames_a_drawing_like_the_ink_domain() -> None:
+    from sklearn.datasets import load_digits
+
+    from cdretrieval.data.demo import DEMO_SIZE, _stroke_mask, render_ink
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    ink = [render_ink(_stroke_mask(digits.images[i], rng, DEMO_SIZE)) for i in range(12)]
+    ink_stats = np.array([_stroke_stats(im) for im in ink])
+    ink_fill, ink_width = float(ink_stats[:, 0].mean()), float(np.median(ink_stats[:, 3]))
+    widths = []
+    # a thin brush drawn large, the default brush, a wide brush drawn small in a corner, a large canvas
+    for canvas, radius, scale, offset in ((400, 8, 1.2, (0.0, 0.0)), (400, 16, 1.0, (0.0, 0.0)),
+                                          (400, 24, 0.5, (-0.2, 0.15)), (800, 16, 1.0, (0.05, -0.05))):
+        out = prepare_sketch({"composite": _drawn_seven(canvas, radius, scale, offset)})
+        assert out.mode == "RGB" and out.size == (DEMO_SIZE, DEMO_SIZE)
+        a = np.asarray(out)
+        assert (a[0] == 255).all() and (a[-1] == 255).all() and (a[:, 0] == 255).all() and (a[:, -1] == 255).all()
+        assert a.min() == 0  # black ink on white paper
+        assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()  # grey, like the ink images
+        fill, cy, cx, width = _stroke_stats(out)
+        assert abs(fill - ink_fill) <= 0.02, (radius, fill, ink_fill)  # the ink domain's 73.5 %
+        assert abs(cy - (DEMO_SIZE - 1) / 2) <= 1.5 and abs(cx - (DEMO_SIZE - 1) / 2) <= 1.5  # centred
+        widths.append(width)
+    # the ink pen's width, whatever the brush and however large the drawing is on the canvas
+    assert all(abs(w - ink_width) <= 0.25 * ink_width for w in widths), (widths, ink_width)
+    assert prepare_sketch({"composite": _drawn_seven(400, 16, 1.0, (0, 0))}, size=224).size == (224, 224)
+
+
 def test_ui_handler_shows_errors_in_page(served: Served) -> None:
     from app.ui import SearchService
     from cdretrieval.retrieval import Retriever
