@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from cdretrieval import loading
+from cdretrieval.data.demo import DEMO_SIZE
 from cdretrieval.data.images import is_image_file, load_image
 from cdretrieval.data.transforms import eval_transform
 from cdretrieval.domain_embeddings import EmbeddedDomain, embed_domains, embeddings_folder
@@ -62,7 +63,8 @@ def test_embedding_resumes_after_interruption(tiny_run: Path, small_root: Path, 
     reference = _embed_small(full_run, small_root)["photo"]
     assert len(reference) == 37 and len(reference.skipped) == 1 and reference.skipped[0][0].endswith("zz_corrupt.png")
     assert reference.embeddings.shape == (37, 32) and reference.embeddings.dtype == np.float32
-    assert all(it.width == 64 and it.height == 64 and it.label is not None for it in reference.items)
+    size = DEMO_SIZE  # the item table records each file's own size (the demo's 128 px), not the model's 64
+    assert all(it.width == size and it.height == size and it.label is not None for it in reference.items)
 
     class Stop(Exception):
         pass
