@@ -57,12 +57,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from benchmarks.common import RESULTS, md_table, write_outputs
 from benchmarks.plots import embedding_map, loss_curves, retrieval_grid
 from benchmarks.presets import PROTOCOLS, Layout, Preset, check_layout, get_preset, presets
-from cdretrieval.config import RunConfig, validate
+from cdretrieval.config import RunConfig, apply_overrides, parse_sets, validate
 from cdretrieval.data.datasets import warn_skipped
 from cdretrieval.data.digits import paired_domains, resolve_data_root
 from cdretrieval.data.folders import Sample, resolve_domain, scan_domain, scan_domains
@@ -110,49 +109,6 @@ def variant_config(base: RunConfig, name: str) -> RunConfig | None:
 
 
 # --------------------------------------------------------------------------------------------- config
-
-
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: YAML scalars/lists (``0.5``, ``true``, ``[7, 14]``, ``null``); ``1e-3`` as a float."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse value {text!r}: {e}") from e
-    if isinstance(value, str):
-        try:
-            return float(text)
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
-    """A copy of ``cfg`` with dotted fields set (``train.lr``, ``losses.terms.mim.weight``), validated."""
-    data = cfg.to_dict()
-    for key, value in overrides.items():
-        parts = key.split(".")
-        node: Any = data
-        for part in parts[:-1]:
-            if not isinstance(node, dict) or part not in node:
-                raise ValueError(f"unknown config key {key!r} (no {part!r})")
-            node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ValueError(f"unknown config key {key!r}")
-        node[parts[-1]] = value
-    out = RunConfig.from_dict(data)
-    validate(out)
-    return out
-
-
-def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """``["train.lr=5e-4", ...]`` → ``{"train.lr": 0.0005}``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = parse_value(value.strip())
-    return out
 
 
 def base_config(preset: Preset, epochs: int | None, image_size: int | None, sets: Mapping[str, Any]) -> RunConfig:

@@ -315,8 +315,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfigT:
-    """The run config: defaults ← ``--config`` YAML ← explicit command-line options."""
-    from cdretrieval.config import RunConfig, validate
+    """The run config: defaults ← ``--config`` YAML ← explicit command-line options ← ``--set KEY=VALUE``."""
+    from cdretrieval.config import RunConfig, apply_overrides, parse_sets, validate
 
     cfg = RunConfig.load(args.config) if args.config else RunConfig()
     cfg.data.root = str(args.data)
@@ -335,6 +335,8 @@ def _config_from_args(args: argparse.Namespace) -> RunConfigT:
     if args.clusters:
         cfg.losses.num_clusters = args.clusters
     validate(cfg)
+    if args.set:  # last, so `--set` wins over the named options too
+        cfg = apply_overrides(cfg, parse_sets(args.set))
     return cfg
 
 
@@ -418,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=None)
     p.add_argument("--split", default=None, help="train on <domain>_<split>.txt lists")
     p.add_argument("--device", type=_device, default=None, help="auto | cpu | cuda[:i]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, dotted (repeatable): losses.temperature=0.15, train.trainable_units=2, "
+                        "losses.terms.mim.weight=0")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_cmd_pretrain)

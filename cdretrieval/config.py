@@ -11,7 +11,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -272,3 +272,52 @@ def cluster_counts(cfg: LossConfig, domain_sizes: list[int]) -> list[int]:
         base = int(min(200, max(4, round(math.sqrt(n_min) / 2))))
         ks = [base, 2 * base]
     return sorted({max(2, min(k, n_min)) for k in ks})
+
+
+# --------------------------------------------------------------------------------------------- overrides
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalars/lists (``0.5``, ``true``, ``[7, 14]``, ``null``); ``1e-3`` as a float."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse value {text!r}: {e}") from e
+    if isinstance(value, str):
+        try:
+            return float(text)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            return value
+    return value
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=5e-4", ...]`` → ``{"train.lr": 0.0005}`` (the CLI's and the benchmarks' ``--set``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with dotted fields set (``train.lr``, ``losses.terms.mim.weight``), validated.
+
+    Unknown keys raise ``ValueError`` naming the key, as unknown YAML keys do.
+    """
+    data = cfg.to_dict()
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node: Any = data
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"unknown config key {key!r} (no {part!r})")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ValueError(f"unknown config key {key!r}")
+        node[parts[-1]] = value
+    out = RunConfig.from_dict(data)
+    validate(out)
+    return out

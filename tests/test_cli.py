@@ -180,3 +180,25 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_pretrain_set_overrides_any_config_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cdretrieval.cli import _config_from_args
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text("losses:\n  temperature: 0.3\ntrain:\n  epochs: 4\n", encoding="utf-8")
+    args = build_parser().parse_args([
+        "pretrain", "--data", "d", "--out", "o", "--config", str(config), "--epochs", "7",
+        "--set", "losses.temperature=0.15", "--set", "train.trainable_units=2", "--set", "losses.num_clusters=[7, 14]",
+        "--set", "losses.terms.mim.weight=0", "--set", "train.lr=5e-4",
+    ])
+    cfg = _config_from_args(args)
+    assert cfg.losses.temperature == 0.15 and cfg.train.epochs == 7 and cfg.train.trainable_units == 2
+    assert cfg.losses.num_clusters == [7, 14] and cfg.losses.terms["mim"].weight == 0.0 and cfg.train.lr == 5e-4
+    # an unknown key or an invalid value: one `error:` line, exit 2, nothing created
+    for bad, message in (("train.nope=1", "unknown config key 'train.nope'"),
+                         ("losses.temperature=0", "temperature must be > 0"), ("train.lr", "KEY=VALUE")):
+        assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and "Traceback" not in err
+        assert not (tmp_path / "run").exists()
