@@ -148,19 +148,22 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    """Embed the images of a data set with a run's encoder (resumable chunks in RUN_DIR/embeddings)."""
+    """Embed the images of a data set with a run's encoder (resumable chunks in RUN_DIR/embeddings); under
+    ``torchrun`` every process embeds its share of the chunks and rank 0 prints the summary."""
+    from cdretrieval.distributed import rank
     from cdretrieval.domain_embeddings import embed_domains
 
     out = embed_domains(
         args.run, args.data, _domain_list(args.domains), split=args.split, feature=args.feature,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=args.progress,
-        resume=not args.restart,
+        resume=not args.restart, chunk_size=args.chunk_size,
     )
     summary = {
         d: {"embedded": len(e), "skipped": len(e.skipped), "dim": int(e.embeddings.shape[1]), "feature": e.feature}
         for d, e in out.items()
     }
-    print(json.dumps({"run": args.run, "domains": summary}, indent=2))
+    if rank() == 0:
+        print(json.dumps({"run": args.run, "domains": summary}, indent=2))
     return 0
 
 
@@ -427,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_cmd_pretrain)
 
-    p = sub.add_parser("embed", help="embed a data set's images with a run's encoder (resumable)")
+    p = sub.add_parser("embed", help="embed a data set's images with a run's encoder (resumable; shared among "
+                                     "processes under torchrun)")
     p.add_argument("--run", required=True, help="run folder (from `cdretrieval pretrain`)")
     p.add_argument("--data", required=True, help="data root: ROOT/<domain>/[<class>/]<image>, or a folder of .npz")
     p.add_argument("--domains", default=None, help="comma-separated domain names (default: all)")
@@ -435,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", choices=("head", "backbone"), default=None,
                    help="embedding to compute (default: the run's model.index_feature)")
     p.add_argument("--restart", action="store_true", help="ignore saved chunks and embed everything again")
+    p.add_argument("--chunk-size", type=_positive_int, default=1024,
+                   help="images per saved chunk, the unit of resumption and of sharing among torchrun processes; "
+                        "a multiple of --batch-size (default 1024)")
     _add_model_options(p)
     p.set_defaults(func=_cmd_embed)
 

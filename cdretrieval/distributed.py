@@ -1,6 +1,6 @@
-"""Process-group helpers for training under ``torchrun``: rank, world size, gathers and a broadcast.
+"""Process-group helpers for training and embedding under ``torchrun``: rank, world size, gathers, a broadcast.
 
-Every helper is a no-op (or the identity) in a single process, so training code calls them
+Every helper is a no-op (or the identity) in a single process, so training and embedding code calls them
 unconditionally. Rows are gathered in rank order, so every rank sees the same global batch.
 """
 
@@ -30,6 +30,16 @@ def init_distributed(device: torch.device) -> bool:
         return dist.is_initialized()
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``device`` for this process: a bare ``cuda`` becomes ``cuda:$LOCAL_RANK`` under ``torchrun`` (one GPU
+    per process on each machine); anything else is returned as it is."""
+    local = os.environ.get("LOCAL_RANK")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if device.type == "cuda" and device.index is None and local is not None and several:
+        return torch.device("cuda", int(local))
+    return device
 
 
 def gather_rows(x: Tensor) -> Tensor:
@@ -76,6 +86,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (nothing to wait for in a single process)."""
     if world_size() > 1:
@@ -93,9 +112,11 @@ def mean_over_ranks(values: Tensor) -> Tensor:
 __all__ = [
     "barrier",
     "broadcast_object",
+    "gather_objects",
     "gather_rows",
     "gather_rows_with_grad",
     "init_distributed",
+    "local_device",
     "mean_over_ranks",
     "rank",
     "world_size",

@@ -14,11 +14,13 @@ Embedding folder layout::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +30,11 @@ from cdretrieval.data.datasets import warn_skipped
 from cdretrieval.data.digits import resolve_data_root
 from cdretrieval.data.folders import Sample, parse_domains, scan_domains
 from cdretrieval.data.transforms import eval_transform
-from cdretrieval.embed import ExtractedBatch, iter_extract
+from cdretrieval.device import resolve_device
+from cdretrieval.distributed import barrier, gather_objects, init_distributed, local_device, rank, world_size
+from cdretrieval.embed import iter_extract
 from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE, Chunk, ChunkStore, samples_fingerprint
+from cdretrieval.errors import DataError
 from cdretrieval.index import Item, safe_domain_name
 from cdretrieval.loading import LoadedModel, load_model
 from cdretrieval.run import EMBEDDINGS_DIR
@@ -113,18 +118,20 @@ def embed_samples(
     on_chunk: ChunkCallback | None = None,
 ) -> EmbeddedDomain:
     """Embed one domain's ``samples`` chunk by chunk, reusing (``resume``) and writing chunks in ``folder``
-    when given (None: nothing is read or written)."""
+    when given (None: nothing is read or written).
+
+    Under ``torchrun`` (world size > 1, process group joined) the chunks are shared among the ranks
+    (:func:`_embed_shared`); ``folder`` is then required and must be on a filesystem every rank sees.
+    """
+    if world_size() > 1:
+        if folder is None:
+            raise ValueError("embedding with several processes needs an embeddings folder shared by every rank")
+        return _embed_shared(model, domain, samples, folder, settings, on_chunk)
     n, dim, chunk_size = len(samples), model.dim, settings.chunk_size
     store: ChunkStore | None = None
     chunks: list[Chunk] = []
     if folder is not None:
-        key = {
-            "model_hash": model.cache_key_hash,
-            "feature": model.feature,
-            "image_size": model.image_size,
-            "samples": samples_fingerprint(samples),
-        }
-        store = ChunkStore(folder, key, n, chunk_size, dim)
+        store = ChunkStore(folder, _store_key(model, samples), n, chunk_size, dim)
         if settings.resume:
             chunks = store.completed()
         else:
@@ -136,41 +143,124 @@ def embed_samples(
 
     bar = tqdm(total=n, initial=start, desc=f"embedding {domain}", unit="img",
                disable=not settings.progress or start >= n, leave=False)
+    try:
+        for i, chunk in _compute_chunks(model, samples, range(len(chunks), n_chunks), settings, bar):
+            chunks.append(chunk)
+            if store is not None:
+                store.write(i, chunk)
+            if on_chunk is not None:
+                on_chunk(domain, i, chunk.stop, n)
+    finally:
+        bar.close()
+    assert len(chunks) == n_chunks, f"{domain}: embedded {len(chunks)} of {n_chunks} chunks"
+    return _assemble(model, domain, samples, chunks)
+
+
+def _store_key(model: LoadedModel, samples: Sequence[Sample]) -> dict[str, Any]:
+    """What a domain's stored chunks depend on besides their count and size (see :class:`ChunkStore`)."""
+    return {
+        "model_hash": model.cache_key_hash,
+        "feature": model.feature,
+        "image_size": model.image_size,
+        "samples": samples_fingerprint(samples),
+    }
+
+
+def _compute_chunks(
+    model: LoadedModel, samples: Sequence[Sample], chunk_ids: Sequence[int], settings: EmbedSettings, bar: tqdm
+) -> Iterator[tuple[int, Chunk]]:
+    """Embed the chunks ``chunk_ids`` (ascending) of ``samples``; yield ``(chunk index, Chunk)`` as each completes.
+
+    One loader runs over the chunks' samples back to back (its workers keep decoding across chunk
+    boundaries); with no chunk to do no model or loader starts. Chunk ``i`` covers samples
+    ``[i·chunk_size, min((i+1)·chunk_size, n))``.
+    """
+    n, dim, size = len(samples), model.dim, settings.chunk_size
+    bounds = [(i * size, min((i + 1) * size, n)) for i in chunk_ids]
+    if not bounds:
+        return
+    # ``where[j]``: sample index of the j-th sample handed to the loader (loader indices count from 0).
+    where = torch.from_numpy(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in bounds]))
+    ends = np.cumsum([b - a for a, b in bounds])  # loader position at which each chunk is complete
+    amp, channels_last = model.input_settings()  # the backbone's runtime decides (ONNX Runtime: fp32 NCHW)
+    first = bounds[0][0]  # the trailing chunks (one process resuming): a slice, as the loader always got
+    todo = samples[first:] if len(where) == n - first else [samples[j] for j in where.tolist()]
     feats: list[torch.Tensor] = []  # buffered rows not yet in a chunk
     idx: list[torch.Tensor] = []
     sizes: list[torch.Tensor] = []
     bad: list[tuple[int, str]] = []
-    seen = start
+    seen, done = 0, 0
+    for batch in iter_extract(model.embed, todo, eval_transform(model.image_size), device=model.device, amp=amp,
+                              channels_last=channels_last, batch_size=settings.batch_size,
+                              num_workers=settings.num_workers):
+        if len(batch.indices):
+            feats.append(batch.features)
+            idx.append(where[batch.indices])
+            sizes.append(batch.sizes)
+        bad.extend((int(where[i]), reason) for i, reason in batch.bad)
+        seen += batch.count
+        bar.update(batch.count)
+        # Batches come in order: every chunk that ends at or before ``seen`` is complete.
+        while done < len(bounds) and seen >= ends[done]:
+            yield chunk_ids[done], _cut_chunk(*bounds[done], dim, feats, idx, sizes, bad)
+            done += 1
+    assert done == len(bounds) and seen == len(where), f"embedded {seen} of {len(where)} images"
+
+
+def _embed_shared(
+    model: LoadedModel,
+    domain: str,
+    samples: Sequence[Sample],
+    folder: Path,
+    settings: EmbedSettings,
+    on_chunk: ChunkCallback | None,
+) -> EmbeddedDomain:
+    """:func:`embed_samples` with every rank of the process group: each embeds its share of the chunks.
+
+    Rank 0 claims the store (:meth:`ChunkStore.claim`: another key's chunks, or all with ``resume`` False,
+    are discarded); each rank checks the chunks ``r, r+W, ...`` on disk; the chunks still missing, in
+    order, are dealt out round-robin (pending chunk ``j`` goes to rank ``j mod W``), so a rerun after a
+    killed rank redoes only the chunks that never reached the disk, spread over every rank. Each rank
+    writes its chunks atomically; after a barrier rank 0 reads them all back in chunk order and records the
+    store complete. Every rank returns the whole domain, identical to a single process's result (exactly,
+    when ``chunk_size`` is a multiple of ``batch_size``: the model then sees the same batches).
+
+    Raises:
+        DataError: the ranks see different sample lists (no shared filesystem, or files changing).
+    """
+    me, ranks = rank(), world_size()
+    n, chunk_size = len(samples), settings.chunk_size
+    store = ChunkStore(folder, _store_key(model, samples), n, chunk_size, model.dim)
+    if len(set(json.dumps(k, sort_keys=True) for k in gather_objects(store.key))) > 1:
+        raise DataError(f"the ranks see different images (or models) for domain {domain!r}; every rank must read "
+                        "the same files, e.g. from a shared filesystem")
+    if me == 0:
+        store.claim(settings.resume)
+    barrier()
+    pending = sorted(i for part in gather_objects(store.pending(range(me, store.n_chunks, ranks))) for i in part)
+    mine = pending[me::ranks]
+    if me == 0 and pending != list(range(store.n_chunks)):
+        logger.info("%s: %d of %d chunks on disk; %d ranks embed the other %d", domain,
+                    store.n_chunks - len(pending), store.n_chunks, ranks, len(pending))
+    total = sum(store.bounds(i)[1] - store.bounds(i)[0] for i in mine)
+    bar = tqdm(total=total, desc=f"embedding {domain} (rank {me} of {ranks})", unit="img",
+               disable=not settings.progress or me != 0 or total == 0, leave=False)
     try:
-        if start < n:  # the backbone's runtime decides the input settings (ONNX Runtime: fp32 NCHW)
-            amp, channels_last = model.input_settings()
-            batches: Iterator[ExtractedBatch] = iter_extract(
-                model.embed, samples[start:], eval_transform(model.image_size), device=model.device, amp=amp,
-                channels_last=channels_last, batch_size=settings.batch_size, num_workers=settings.num_workers,
-            )
-        else:  # all on disk: no model, no loader (its workers would start for nothing)
-            batches = iter(())
-        for batch in batches:
-            if len(batch.indices):
-                feats.append(batch.features)
-                idx.append(batch.indices + start)  # loader indices are relative to samples[start:]
-                sizes.append(batch.sizes)
-            bad.extend((i + start, reason) for i, reason in batch.bad)
-            seen += batch.count
-            bar.update(batch.count)
-            # Batches come in sample order: every chunk that ends at or before ``seen`` is complete.
-            while len(chunks) < n_chunks and seen >= min((len(chunks) + 1) * chunk_size, n):
-                i = len(chunks)
-                chunk = _cut_chunk(i * chunk_size, min((i + 1) * chunk_size, n), dim, feats, idx, sizes, bad)
-                chunks.append(chunk)
-                if store is not None:
-                    store.write(i, chunk)
-                if on_chunk is not None:
-                    on_chunk(domain, i, chunk.stop, n)
+        for i, chunk in _compute_chunks(model, samples, mine, settings, bar):
+            store.write_chunk(i, chunk)
+            if on_chunk is not None:
+                on_chunk(domain, i, chunk.stop, n)
     finally:
         bar.close()
-    assert len(chunks) == n_chunks and seen == n, f"{domain}: embedded {seen} of {n} images"
-    return _assemble(model, domain, samples, chunks)
+    barrier()
+    read = [store.read_chunk(i) for i in range(store.n_chunks)]  # every rank: the whole domain, in order
+    missing = sorted({i for part in gather_objects([i for i, c in enumerate(read) if c is None]) for i in part})
+    if missing:
+        raise RuntimeError(f"{folder}: chunks {missing[:8]} are missing or unreadable after every rank finished")
+    if me == 0:
+        store.write_progress(store.n_chunks)
+    done = [c for c in read if c is not None]
+    return _assemble(model, domain, samples, done)
 
 
 def _cut_chunk(
@@ -266,6 +356,12 @@ def embed_domains(
     by another model (hash), feature, image size or sample list are discarded. Unreadable images are
     skipped, counted and reported (``EmbeddedDomain.skipped`` and a warning).
 
+    Under ``torchrun --nproc_per_node M [--nnodes N ...]`` every process joins the group (gloo on CPU,
+    NCCL on CUDA, one GPU per process: ``cuda:$LOCAL_RANK``) and embeds its share of each domain's chunks
+    into the shared store (``embeddings_dir`` or the run's, on a filesystem all machines see); a rerun
+    after any rank was killed redoes only the chunks not on disk. Every rank returns the same result as a
+    single process (see :func:`_embed_shared`).
+
     Args:
         run_dir: run folder, or None for the no-adaptation baseline (``backbone`` features).
         data_root: ``ROOT/<domain>/[<class>/]<image>``, or a folder of digit ``.npz`` files.
@@ -287,8 +383,10 @@ def embed_domains(
     """
     settings = EmbedSettings(batch_size, num_workers, chunk_size, progress, resume)
     _root, data = scan_data(data_root, domains, split)  # cheap checks first, then the model
+    dev = local_device(device if isinstance(device, torch.device) else resolve_device(device))
+    init_distributed(dev)  # under torchrun: join the group (gloo on CPU, NCCL on CUDA); else nothing
     model = load_model(run_dir, backbone=backbone, weights=weights, feature=feature, image_size=image_size,
-                       device=device)
+                       device=dev)
     return embed_all(model, data, default_store(model, embeddings_dir), split, settings, on_chunk)
 
 

@@ -13,6 +13,14 @@ A chunk file is written (atomically) before ``progress.json`` counts it, so a jo
 leaves every counted chunk complete; a rerun continues with chunk ``chunks_done``. A different key (another
 model, feature, image size or sample list) discards the old chunks. A counted chunk that cannot be read
 back is recomputed together with every chunk after it.
+
+Several processes (``torchrun``, :func:`cdretrieval.domain_embeddings.embed_samples`) share one store: rank 0
+:meth:`ChunkStore.claim` s it (discarding another key's chunks, writing ``progress.json`` with this key
+before any chunk), then each rank writes its own chunks with :meth:`ChunkStore.write_chunk` — any order, one
+writer per chunk — and rank 0 counts them all at the end. While such a job runs, ``chunks_done`` counts only
+the leading chunks known complete when it started; a chunk file present in a folder whose ``progress.json``
+has this key is this key's (chunk files are only written after the key is recorded or everything cleared),
+so a rerun keeps every chunk that reads back consistently (:meth:`ChunkStore.read_chunk`).
 """
 
 from __future__ import annotations
@@ -129,6 +137,7 @@ class ChunkStore:
         """
         progress = self._read_progress()
         if progress is None:
+            self.clear()  # chunk files without a progress file (a job killed before it wrote one) are no key's
             return []
         if progress.get("key") != self.key:
             logger.info("embeddings in %s are for another model or sample list; recomputing", self.folder)
@@ -137,7 +146,7 @@ class ChunkStore:
         done = int(progress.get("chunks_done", 0))
         chunks: list[Chunk] = []
         for i in range(min(done, self.n_chunks)):
-            chunk = self._read_chunk(i)
+            chunk = self.read_chunk(i)
             if chunk is None:
                 logger.warning("%s unreadable; recomputing from chunk %d", self.folder / _chunk_name(i), i)
                 break
@@ -157,8 +166,8 @@ class ChunkStore:
             return None
         return data
 
-    def _read_chunk(self, i: int) -> Chunk | None:
-        """Chunk ``i`` if its file exists and is consistent with this store, else None."""
+    def read_chunk(self, i: int) -> Chunk | None:
+        """Chunk ``i`` if its file exists and is consistent with this store (bounds, dim, finite), else None."""
         start, stop = self.bounds(i)
         try:
             with np.load(self.folder / _chunk_name(i), allow_pickle=False) as z:
@@ -182,19 +191,44 @@ class ChunkStore:
     # -- writing --------------------------------------------------------------------------------------
     def write(self, i: int, chunk: Chunk) -> None:
         """Persist chunk ``i`` then record ``i + 1`` chunks as done (the caller writes them in order)."""
+        self.write_chunk(i, chunk)
+        self.write_progress(i + 1)
+
+    def write_chunk(self, i: int, chunk: Chunk) -> None:
+        """Persist chunk ``i`` atomically, without touching ``progress.json`` (one writer per chunk)."""
         assert (chunk.start, chunk.stop) == self.bounds(i), f"chunk {i} has bounds {chunk.start, chunk.stop}"
         assert chunk.embeddings.shape[1] == self.dim or len(chunk.indices) == 0
         atomic_write_bytes(self.folder / _chunk_name(i), _encode_chunk(chunk))
+
+    def write_progress(self, chunks_done: int) -> None:
+        """Record this key and that chunks ``[0, chunks_done)`` are complete (atomically)."""
         atomic_write_json(
             self.folder / PROGRESS_FILE,
             {
                 "format_version": FORMAT_VERSION,
                 "key": self.key,
-                "chunks_done": i + 1,
-                "complete": i + 1 == self.n_chunks,
+                "chunks_done": chunks_done,
+                "complete": chunks_done == self.n_chunks,
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             },
         )
+
+    def claim(self, resume: bool) -> None:
+        """Make the folder this key's before several writers share it (rank 0 only, before the others start).
+
+        Chunks of another key, chunk files without a progress file, and with ``resume`` False every chunk,
+        are deleted; then ``progress.json`` records this key (keeping its count when the key was already
+        there), so every chunk file written afterwards is known to be this key's.
+        """
+        progress = self._read_progress()
+        if resume and progress is not None and progress.get("key") == self.key:
+            return
+        self.clear()
+        self.write_progress(0)
+
+    def pending(self, chunk_ids: Sequence[int]) -> list[int]:
+        """Those of ``chunk_ids`` with no consistent chunk file (call after :meth:`claim`)."""
+        return [i for i in chunk_ids if self.read_chunk(i) is None]
 
     def clear(self) -> None:
         """Delete the progress file (first: the folder stops claiming anything) and every chunk file."""
