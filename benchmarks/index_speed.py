@@ -24,6 +24,7 @@ import numpy as np
 
 from benchmarks.common import timed_call
 from cdretrieval.index import INDEX_TYPES, DomainIndex, Item, UseGpu, choose_index_type, estimate_index_mb
+from cdretrieval.ondisk import recall_at_k
 
 DOMAIN = "bench"
 MODEL_HASH = "synthetic-clustered"
@@ -51,18 +52,26 @@ def clustered_vectors(n: int, dim: int, seed: int, n_centres: int = 1000, spread
     Each point is a centre plus isotropic noise of expected norm ``spread``, normalised. The centres depend only
     on ``n_centres`` and ``dim`` (seed 0), so gallery and queries drawn with different seeds share clusters.
     """
+    out = np.empty((n, dim), np.float32)
+    for start, block in clustered_blocks(n, dim, seed, n_centres, spread):
+        out[start : start + len(block)] = block
+    return out
+
+
+def clustered_blocks(
+    n: int, dim: int, seed: int, n_centres: int = 1000, spread: float = 0.6, step: int = 100_000
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`clustered_vectors` ``step`` rows at a time: ``(first row, block [m, dim])``, never all ``n`` rows in
+    memory (the same rows as :func:`clustered_vectors` for the default ``step``)."""
     centres = np.random.default_rng(0).standard_normal((n_centres, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), np.float32)
-    step = 100_000  # bounded temporaries at 1M rows
     for start in range(0, n, step):
         m = min(step, n - start)
         block = centres[rng.integers(n_centres, size=m)]  # [m, dim]
         block += rng.standard_normal((m, dim), dtype=np.float32) * np.float32(spread / np.sqrt(dim))
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start : start + m] = block
-    return out
+        yield start, block
 
 
 @contextlib.contextmanager
@@ -75,15 +84,6 @@ def faiss_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over queries of |found_q ∩ truth_q| / |truth_q| (ids ``[Q, k]``; -1 = missing slot)."""
-    if found.shape[0] != truth.shape[0]:
-        raise ValueError(f"found has {found.shape[0]} queries, truth {truth.shape[0]}")
-    hits = [len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, int((t >= 0).sum()))
-            for f, t in zip(found, truth, strict=True)]
-    return float(np.mean(hits)) if hits else 0.0
 
 
 def _serialized_mb(index: DomainIndex) -> float:

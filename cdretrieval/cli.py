@@ -452,8 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated domains to (re)index; the index's other domains are kept (default: every "
                         "domain folder of --data, and an empty or unreadable one is an error); one with --add")
     p.add_argument("--split", default=None, help="read <domain>_<split>.txt lists")
-    p.add_argument("--index-type", choices=("flat", "ivf", "hnsw", "ivfpq", "auto"), default="flat",
-                   help="FAISS index type (default flat: exact)")
+    p.add_argument("--index-type", choices=("flat", "ivf", "hnsw", "ivfpq", "ivf-ondisk", "auto"), default="flat",
+                   help="FAISS index type (default flat: exact); ivf-ondisk keeps its lists in a memory-mapped file "
+                        "(needs --no-rerank)")
     p.add_argument("--memory-budget-mb", type=_positive_float, default=None,
                    help="with --index-type auto: largest index per domain in MiB")
     p.add_argument("--feature", choices=("head", "backbone"), default=None,

@@ -35,7 +35,10 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -59,7 +62,10 @@ INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.jsonl"
 MANIFEST_FILE = "manifest.json"
 INDEX_SET_FILE = "indexset.json"
-INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")  # held in memory
+ONDISK_TYPE = "ivf-ondisk"  # IVF lists in a memory-mapped file (cdretrieval.ondisk)
+ALL_INDEX_TYPES = (*INDEX_TYPES, ONDISK_TYPE)
+IVFDATA_FILE = "index.ivfdata"  # the lists of an ivf-ondisk index
 
 AUTO_FLAT_MAX = 50_000  # "auto": exact search up to this many vectors (a 1k-query search stays ~0.1 s)
 AUTO_HNSW_MAX = 1_000_000  # "auto": beyond this HNSW builds too slowly on CPU; IVF trains and adds fast
@@ -281,12 +287,15 @@ def estimate_index_mb(
     """Rough resident size in MiB of an index of ``n`` vectors of ``dim`` float32 (used by the auto rule).
 
     flat: 4·dim bytes per vector; ivf: + 8-byte id; hnsw: + ~2·M 4-byte graph links; ivfpq: pq_m code bytes +
-    8-byte id, plus coarse centroids and PQ codebooks.
+    8-byte id, plus coarse centroids and PQ codebooks; ivf-ondisk: the coarse centroids and ~24 bytes per list
+    (its lists, ``4·dim + 8`` bytes per vector, stay on disk; the page cache holds what queries touch).
     """
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"unknown index_type {index_type!r}; choose one of {INDEX_TYPES} or 'auto'")
+    if index_type not in ALL_INDEX_TYPES:
+        raise ValueError(f"unknown index_type {index_type!r}; choose one of {ALL_INDEX_TYPES} or 'auto'")
     vec = 4 * dim
-    if index_type == "flat":
+    if index_type == ONDISK_TYPE:
+        total = default_nlist(n) * (vec + 24)
+    elif index_type == "flat":
         total = n * vec
     elif index_type == "ivf":
         total = n * (vec + 8) + default_nlist(n) * vec
@@ -308,8 +317,10 @@ def choose_index_type(
     1. ``n ≤ 50,000`` and flat fits → ``"flat"`` (exact, and fast enough at this size).
     2. ``n ≤ 1,000,000`` and hnsw fits → ``"hnsw"`` (best recall/speed; graph costs ~8·M bytes/vector).
     3. ivf fits (≈ flat size) → ``"ivf"`` (fast to train and to add to at any size).
-    4. ``n ≥ 256`` (PQ codebooks must train) and ivfpq fits → ``"ivfpq"`` (compressed; lower recall).
-    5. otherwise ``ValueError`` naming the smallest estimate.
+    4. ``n > 1,000,000`` and ivf-ondisk fits → ``"ivf-ondisk"`` (ivf's recall, its lists memory-mapped from
+       disk; only the centroids are resident).
+    5. ``n ≥ 256`` (PQ codebooks must train) and ivfpq fits → ``"ivfpq"`` (compressed; lower recall).
+    6. otherwise ``ValueError`` naming the smallest estimate.
     """
     n = _check_positive_int(n, "n")
     dim = _check_positive_int(dim, "dim")
@@ -326,6 +337,8 @@ def choose_index_type(
         return "hnsw"
     if fits("ivf"):
         return "ivf"
+    if n > AUTO_HNSW_MAX and fits(ONDISK_TYPE):
+        return ONDISK_TYPE
     if n >= 2**PQ_NBITS and fits("ivfpq"):
         return "ivfpq"
     smallest = estimate_index_mb("ivfpq" if n >= 2**PQ_NBITS else "flat", n, dim, hnsw_m=hnsw_m, pq_m=pq_m)
@@ -499,8 +512,11 @@ class DomainIndex:
         assert index.ntotal == len(self.items) == self.manifest["count"], "index/items/manifest out of sync"
         assert index.d == self.manifest["dim"]
         self.rerank: RerankParams | None = rerank_from_manifest(self.manifest)
-        _ensure_direct_map(index)  # reconstruct() for query expansion
         self._use_gpu = _check_use_gpu(use_gpu)
+        if self.on_disk:  # lists memory-mapped read-only: no direct map (a pass over every id), no GPU copy
+            self._gpu_index = None
+            return
+        _ensure_direct_map(index)  # reconstruct() for query expansion
         self._gpu_index = _gpu_copy(index, self.index_type, self._use_gpu)
 
     # -- properties -----------------------------------------------------------------------------------
@@ -519,6 +535,19 @@ class DomainIndex:
     @property
     def index_type(self) -> str:
         return str(self.manifest["index_type"])
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the inverted lists live in a memory-mapped ``index.ivfdata`` (``ivf-ondisk``)."""
+        return self.index_type == ONDISK_TYPE
+
+    @property
+    def ivfdata_path(self) -> Path:
+        """The file an on-disk index maps its lists from (``ValueError`` for in-memory types)."""
+        if not self.on_disk:
+            raise ValueError(f"a {self.index_type!r} index has no {IVFDATA_FILE}")
+        lists: Any = faiss.extract_index_ivf(self.index).invlists
+        return Path(faiss.downcast_InvertedLists(lists).filename)  # type: ignore[attr-defined]  # OnDisk
 
     @property
     def on_gpu(self) -> bool:
@@ -553,12 +582,17 @@ class DomainIndex:
         memory_budget_mb: float | None = None,
         use_gpu: UseGpu = "auto",
         rerank: RerankParams | None = None,
+        ondisk_dir: str | os.PathLike[str] | None = None,
+        shard_rows: int = 1_000_000,
     ) -> DomainIndex:
         """Index ``embeddings`` [N, D] (L2-normalised here) of ``domain``, one :class:`Item` per row.
 
         Args:
-            index_type: "flat" (exact, default), "ivf", "hnsw", "ivfpq" or "auto" (see
-                :func:`choose_index_type`).
+            index_type: "flat" (exact, default), "ivf", "hnsw", "ivfpq", "ivf-ondisk" or "auto" (see
+                :func:`choose_index_type`). "ivf-ondisk" (:mod:`cdretrieval.ondisk`) is built in ``shard_rows``
+                shards into a new temporary folder under ``ondisk_dir`` (default: the system's), trained on a
+                sample, its lists then memory-mapped from there; :meth:`save` links (or copies) them into the
+                saved folder; it takes no re-ranking.
             nlist, nprobe: IVF lists (default :func:`default_nlist`) and lists probed per query
                 (default :func:`default_nprobe`); IVF types are trained on ``embeddings`` themselves.
             hnsw_m, ef_search, ef_construction: HNSW graph degree and beam widths (defaults 32, 128, 128).
@@ -588,17 +622,23 @@ class DomainIndex:
         a = _rows_2d(x, what, DataError, None, False)  # [N, D], the caller's array (never modified)
         n, dim = a.shape
         rerank = _check_rerank(rerank)
+        items = _check_items(items, n, domain)
+        requested = index_type
+        if index_type == "auto":
+            index_type = choose_index_type(n, dim, memory_budget_mb, hnsw_m=hnsw_m, pq_m=pq_m)
+        if index_type == ONDISK_TYPE:
+            if rerank is not None:
+                raise DataError(f"{ONDISK_TYPE} (domain {domain!r}, {requested!r} requested) takes no re-ranking: "
+                                "DBA needs every vector in memory; build it with rerank=None (--no-rerank)")
+            return cls._build_on_disk(a, items, domain, model_hash, requested, nlist=nlist, nprobe=nprobe,
+                                      pq_m=pq_m, ondisk_dir=ondisk_dir, shard_rows=shard_rows, use_gpu=use_gpu)
         unit: np.ndarray | None = None  # [N, D] unit rows when they must all exist at once
         dba_graph = None
         if rerank is not None and rerank.uses_dba:
             unit = normalised_rows(a, what, DataError)
             dba_graph = knn_graph_method(n)
             unit = database_side_augmentation(unit, rerank)  # [N, D] unit rows, replaces the raw vectors
-        items = _check_items(items, n, domain)
 
-        requested = index_type
-        if index_type == "auto":
-            index_type = choose_index_type(n, dim, memory_budget_mb, hnsw_m=hnsw_m, pq_m=pq_m)
         index, params = _make_index(
             index_type, n, dim, domain, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
             ef_construction=ef_construction, pq_m=pq_m,
@@ -632,6 +672,41 @@ class DomainIndex:
         }
         return cls(index, items, manifest, use_gpu=use_gpu)
 
+    @classmethod
+    def _build_on_disk(
+        cls,
+        a: np.ndarray,
+        items: Sequence[Item],
+        domain: str,
+        model_hash: str,
+        requested: str,
+        *,
+        nlist: int | None,
+        nprobe: int | None,
+        pq_m: int | None,
+        ondisk_dir: str | os.PathLike[str] | None,
+        shard_rows: int,
+        use_gpu: UseGpu,
+    ) -> DomainIndex:
+        """:func:`~cdretrieval.ondisk.build_ondisk_index` of the rows ``a`` into a new temporary folder under
+        ``ondisk_dir``, loaded from there (the folder is removed when the index is garbage-collected)."""
+        from cdretrieval.ondisk import OnDiskParams, array_shards, build_ondisk_index
+
+        shard_rows = _check_positive_int(shard_rows, "shard_rows")
+        params = OnDiskParams(nlist=nlist, nprobe=nprobe, pq_m=pq_m)
+        if ondisk_dir is not None:
+            Path(ondisk_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="cdretrieval-ondisk-", dir=ondisk_dir))
+        try:
+            folder = build_ondisk_index(tmp / "index", array_shards(a, items, shard_rows), len(a), a.shape[1],
+                                        domain, model_hash, params, extra_manifest={"requested_index_type": requested})
+            built = cls.load(folder, use_gpu=use_gpu)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        weakref.finalize(built, shutil.rmtree, tmp, True)  # the mapped file's pages outlive the unlink
+        return built
+
     def add(self, embeddings: Any, items: Sequence[Item]) -> None:
         """Append ``embeddings`` [M, D] and their items without rebuilding (IVF types keep their training).
 
@@ -643,6 +718,9 @@ class DomainIndex:
         x = _to_numpy(embeddings)
         if x.ndim == 2 and x.shape[0] == 0 and len(items) == 0:
             return
+        if self.on_disk:
+            raise DataError(f"the {ONDISK_TYPE} index of domain {self.domain!r} is read-only (its lists are "
+                            f"memory-mapped); rebuild it to add images: {_REBUILD_HINT}")
         # One float32 normalised copy of the batch (all rows checked before any is added: a bad row leaves
         # the index unchanged); no float64 copy.
         x = normalised_rows(x, "added embeddings", DataError, expected_dim=self.dim)
@@ -691,6 +769,8 @@ class DomainIndex:
         i = np.asarray(ids).reshape(-1)
         if i.size == 0:
             return np.empty((0, self.dim), np.float32)
+        if self.on_disk:
+            raise QueryError(f"a {ONDISK_TYPE} index keeps no id map, so it cannot reconstruct vectors")
         if not np.issubdtype(i.dtype, np.integer) or i.min() < 0 or i.max() >= len(self):
             raise QueryError(f"ids must be integers in [0, {len(self)}), got {i[:8].tolist()}...")
         out = self.index.reconstruct_batch(np.ascontiguousarray(i, dtype=np.int64))  # CPU index
@@ -721,6 +801,9 @@ class DomainIndex:
             INDEX_FILE: {"bytes": len(index_bytes), "sha256": _sha256(index_bytes)},
             ITEMS_FILE: {"bytes": len(items_bytes), "sha256": _sha256(items_bytes)},
         }
+        if self.on_disk:  # the same lists under the new folder: linked when possible, else copied
+            _link_or_copy(self.ivfdata_path, folder / IVFDATA_FILE)
+            manifest["files"][IVFDATA_FILE] = self.manifest["files"][IVFDATA_FILE]
         atomic_write_json(folder / MANIFEST_FILE, manifest)  # last: marks the folder complete
         self.manifest = manifest
 
@@ -786,7 +869,10 @@ class DomainIndex:
             name: _read_checked(folder, name, manifest, verify_checksums) for name in (INDEX_FILE, ITEMS_FILE)
         }
         try:
-            index = faiss.deserialize_index(np.frombuffer(blobs[INDEX_FILE], dtype=np.uint8))
+            if manifest["index_type"] == ONDISK_TYPE:
+                index = _read_on_disk(folder, manifest)
+            else:
+                index = faiss.deserialize_index(np.frombuffer(blobs[INDEX_FILE], dtype=np.uint8))
         except RuntimeError as e:
             raise IndexFileError(
                 f"{folder / INDEX_FILE} is not a readable FAISS index ({e}); {_REBUILD_HINT}"
@@ -817,6 +903,46 @@ class DomainIndex:
                 f"{_REBUILD_HINT}"
             ) from e
         return cls(index, items, manifest, use_gpu=use_gpu)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (same filesystem: instant, no extra space), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _read_on_disk(folder: Path, manifest: Mapping[str, Any]) -> faiss.Index:
+    """The ``ivf-ondisk`` index of ``folder``, its lists mapped read-only from ``folder/index.ivfdata``.
+
+    ``index.faiss`` has been verified by the caller; the (possibly larger than memory) ``index.ivfdata`` is
+    checked by size only: against the manifest, and against the extent of the lists ``index.faiss`` records.
+
+    Raises:
+        IndexFileError: the lists file is missing or its size differs.
+    """
+    from cdretrieval.ondisk import LOAD_FLAGS
+
+    path = folder / IVFDATA_FILE
+    expected = manifest["files"].get(IVFDATA_FILE) if isinstance(manifest["files"], dict) else None
+    if not isinstance(expected, dict):
+        raise IndexFileError(f"{folder / MANIFEST_FILE} records no size for {IVFDATA_FILE}; {_REBUILD_HINT}")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as e:
+        raise IndexFileError(f"{path} is missing: an {ONDISK_TYPE} index keeps its lists there; the index folder "
+                             f"is incomplete; {_REBUILD_HINT}") from e
+    if size != expected.get("bytes"):
+        raise IndexFileError(f"{path} has {size} bytes, the manifest records {expected.get('bytes')}: it is "
+                             f"truncated or from another build; {_REBUILD_HINT}")
+    index = faiss.read_index(str(folder / INDEX_FILE), LOAD_FLAGS)
+    ivf = faiss.try_extract_index_ivf(index)
+    invlists: Any = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None and ivf.invlists else None
+    if not isinstance(invlists, faiss.OnDiskInvertedLists) or invlists.totsize != size:
+        raise IndexFileError(f"{folder / INDEX_FILE} does not describe the lists in {path} (another build?); "
+                             f"{_REBUILD_HINT}")
+    return index
 
 
 def _read_checked(folder: Path, name: str, manifest: Mapping[str, Any], verify: bool) -> bytes:
@@ -1057,7 +1183,7 @@ def _check_replaceable(root: Path) -> None:
     """Refuse to replace an existing folder ``root`` that holds anything but an index set (or its debris)."""
     if not root.is_dir():
         return
-    index_files = {INDEX_FILE, ITEMS_FILE, MANIFEST_FILE}
+    index_files = {INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, IVFDATA_FILE}
     for entry in root.iterdir():
         name = entry.name
         if name in (INDEX_SET_FILE, DETECTOR_FILE) or name.startswith("."):

@@ -143,8 +143,9 @@ def build_indexes(
     and ``feature``, ``backbone``, ``image_size``, ``data_root``, ``split``, ``run_dir``.
 
     Args:
-        index_type: ``flat`` | ``ivf`` | ``hnsw`` | ``ivfpq`` | ``auto`` (per domain, under
-            ``memory_budget_mb`` — see :func:`cdretrieval.index.choose_index_type`).
+        index_type: ``flat`` | ``ivf`` | ``hnsw`` | ``ivfpq`` | ``ivf-ondisk`` | ``auto`` (per domain, under
+            ``memory_budget_mb`` — see :func:`cdretrieval.index.choose_index_type`); ``ivf-ondisk`` needs
+            ``rerank=None`` and is built beside the index folder (same filesystem: its lists are linked).
         rerank: re-ranking (default :data:`~cdretrieval.rerank.DEFAULT_RERANK`; None = plain indexes): each
             domain's vectors are replaced by their database-side augmentation before indexing and the
             params go into the manifests, so searches expand queries (see :mod:`cdretrieval.rerank`).
@@ -190,7 +191,7 @@ def build_indexes(
             memory_budget_mb=memory_budget_mb,
             use_gpu=use_gpu,
             rerank=rerank,
-            **index_options,
+            **{"ondisk_dir": root_of_index.parent, **index_options},  # ivf-ondisk lists: linked into the set
         )
     except CDRetrievalError:
         raise
