@@ -1,7 +1,8 @@
 """Smoke test of the speed suite (``python -m benchmarks.speed``) at tiny sizes: it runs and writes what it says.
 
 Correctness only: the keys of ``speed.json``, recalls in [0, 1], positive ratios and times. No timing asserts (the
-CI machines are shared and slow).
+CI machines are shared and slow). The train section runs three whole pretrains of 4 images per domain, 1 epoch,
+32 px.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import torch
 
 from benchmarks.common import write_outputs
 from benchmarks.index_speed import clustered_vectors, recall_at_k
-from benchmarks.speed import SECTIONS, SuiteOptions, run_suite
+from benchmarks.speed import SECTIONS, SuiteOptions, capped_view, default_train_modes, run_suite, summary_rows
+from cdretrieval.data.folders import scan_domains
+
+TINY_TRAINING = {"data.image_size": 32, "data.num_workers": 0, "train.epochs": 1, "train.batch_size": 4,
+                 "train.cached_views": 1}
 
 
 def _positive(x: Any) -> bool:
@@ -28,9 +33,9 @@ def speed_json(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     tmp = tmp_path_factory.mktemp("speed")
     opts = SuiteOptions(
         data_root=demo_root, device=torch.device("cpu"), workdir=tmp / "work", image_size=32, warmup=0,
-        frozen_batch=8, finetune_batch=2, train_repeats=1, embed_images=8, embed_batch=4, embed_repeats=1,
-        worker_counts=(0,), latency_gallery=500, latency_queries=2, index_sizes=(1000,), index_queries=10,
-        index_repeats=1, threads=(1,), faiss_threads=1,
+        train_images=4, finetune_cpu_images=3, train_overrides=TINY_TRAINING, embed_images=8, embed_batch=4,
+        embed_repeats=1, worker_counts=(0,), latency_gallery=500, latency_queries=2, index_sizes=(1000,),
+        index_queries=10, index_repeats=1, threads=(1,), faiss_threads=1,
     )
     payload, markdown = run_suite(opts)
     path = write_outputs("speed", payload, markdown, tmp / "out")
@@ -42,18 +47,43 @@ def speed_json(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 def test_top_level_keys(speed_json: dict[str, Any]) -> None:
     assert {"benchmark", "machine", "options", "summary", *SECTIONS} <= set(speed_json)
     assert speed_json["benchmark"] == "speed"
-    assert len(speed_json["summary"]) == 4  # two training ratios, the embedding ratio, the latency p50
+    assert len(speed_json["summary"]) == 2  # the embedding ratio, the latency p50 (capped pretrains: no goal)
 
 
-def test_training_ratios(speed_json: dict[str, Any]) -> None:
-    assert [r["mode"] for r in speed_json["train"]] == ["frozen", "finetune"]
-    for r in speed_json["train"]:
-        assert r["threads"] == 1
-        assert set(r["terms"]) == {"instance", "cross_instance", "proto", "cross_proto", "mim"}
-        for key in ("ratio", "ratio_without_clustering", "full_images_per_s", "bare_images_per_s", "step_s",
-                    "bare_step_s", "clustering_s"):
+def test_pretrain_runs(speed_json: dict[str, Any]) -> None:
+    """One whole pretrain per CPU mode, the default (``auto``: partial) first; finetune last, on its own cap."""
+    runs = speed_json["train"]
+    assert [r["mode"] for r in runs] == list(default_train_modes(torch.device("cpu")))
+    assert runs[0]["mode"] == speed_json["default_mode"] and runs[-1]["mode"] == "finetune"
+    for r, per_domain in zip(runs, (4, 4, 3), strict=True):
+        assert r["threads"] == 1 and r["epochs"] == 1 and r["image_size"] == 32
+        assert r["images_per_domain_cap"] == per_domain and set(r["domains"].values()) == {per_domain}
+        assert r["images"] == 3 * per_domain  # the demo's three domains
+        for key in ("setup_s", "train_s", "epoch_s", "train_images_per_s", "wall_s"):
             assert _positive(r[key]), (r["mode"], key, r[key])
-        assert {f"loss:{t}" for t in r["terms"]} | {"bank_update", "other"} <= set(r["split_s"])
+        assert r["wall_s"] >= r["setup_s"] + r["train_s"] * 0.99
+    assert {r["cache_runtime"] for r in runs[:2]} <= {"onnxruntime", "torch"}
+    assert runs[2]["cache_runtime"] is None  # finetune caches nothing
+
+
+def test_capped_view_keeps_every_class(demo_root: Path, tmp_path: Path) -> None:
+    root, split = capped_view(demo_root, 10, tmp_path / "view")
+    assert split == "cap10"
+    full, capped = scan_domains(demo_root), scan_domains(root, split=split)
+    assert list(capped) == list(full)
+    for domain, samples in capped.items():  # every k-th of the domain's sorted files, so spread over the classes
+        k = len(full[domain]) // 10
+        assert [Path(s.path).relative_to(root) for s in samples] == \
+            [Path(s.path).relative_to(demo_root) for s in full[domain][::k][:10]]
+        assert len({s.label for s in samples}) > 1
+    assert capped_view(demo_root, 0, tmp_path / "all") == (demo_root, None)
+
+
+def test_pretrain_goal_only_for_whole_data_sets() -> None:
+    run = {"mode": "partial", "threads": 2, "images": 9977, "wall_s": 300.0, "images_per_domain_cap": None}
+    (row,) = summary_rows({"default_mode": "partial", "train": [run, {**run, "mode": "frozen"},
+                                                                 {**run, "images_per_domain_cap": 300}]})
+    assert row[1] == 300.0 and row[-1] == "yes"
 
 
 def test_embedding_ratios(speed_json: dict[str, Any]) -> None:
