@@ -127,9 +127,8 @@ class ExactTopK:
         """Take rows ``block`` [m, D] with ids ``first_id ..`` into account."""
         if len(self.queries) == 0 or len(block) == 0:
             return
-        s = self.queries @ block.T  # [Q, m]
-        ids = np.broadcast_to(np.arange(first_id, first_id + len(block), dtype=np.int64), s.shape)
-        self.merge(s, ids)
+        scores, ids = faiss.knn(self.queries, block, min(self.k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        self.merge(scores, np.where(ids >= 0, ids + first_id, -1))  # [Q, k'] each: no [Q, m] temporaries
 
     def merge(self, scores: np.ndarray, ids: np.ndarray) -> None:
         """Fold candidate ``(scores, ids)`` [Q, c] into the current top-k."""
