@@ -135,11 +135,10 @@ def demo_overrides() -> dict[str, Any]:
 def presets() -> dict[str, Preset]:
     """Every preset by name."""
     domainnet_domains = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
-    domainnet = {"data.image_size": 128}
+    domainnet = {"data.image_size": 128}  # 600k images: 128 px keeps the CPU cache pass at 0.64× the default's
     items = [
         Preset(
             "officehome", "Office-Home", "officehome", ("Art", "Clipart", "Product", "Real World"), (1, 5, 15), 65,
-            overrides=MappingProxyType({"data.image_size": 128}),
             grid_pair=("Clipart", "Real World"),
         ),
         Preset(
@@ -155,7 +154,6 @@ def presets() -> dict[str, Preset]:
         Preset(
             "pacs", "PACS", "pacs", ("art_painting", "cartoon", "photo", "sketch"), (1, 5, 15), 7,
             split_lists=("train", "crossval"),
-            overrides=MappingProxyType({"data.image_size": 128}),
             grid_pair=("sketch", "photo"),
         ),
         Preset(

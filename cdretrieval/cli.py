@@ -168,7 +168,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    """Build per-domain indexes in RUN_DIR/index, or append images to one domain (--add)."""
+    """Build per-domain indexes in RUN_DIR/index, or append images to one domain (--add); under ``torchrun``
+    the processes share the embedding (and an ivf-ondisk build's shards) and rank 0 prints the summary."""
+    from cdretrieval.distributed import rank
     from cdretrieval.indexing import add_to_index, build_indexes
 
     domains = _domain_list(args.domains)
@@ -189,6 +191,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         split=args.split, feature=args.feature, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, progress=args.progress, rerank=rerank,
         domain_detector=None if args.domain_detector == "none" else args.domain_detector,
+        chunk_size=args.chunk_size, **({"shard_rows": args.shard_rows} if args.shard_rows is not None else {}),
     )
     info = {
         "run": args.run,
@@ -197,7 +200,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         "rerank": rerank.to_dict() if rerank is not None else None,
         "domain_detector": iset.detector.summary() if iset.detector is not None else None,
     }
-    print(json.dumps(info, indent=2))
+    if rank() == 0:
+        print(json.dumps(info, indent=2))
     return 0
 
 
@@ -414,9 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (see `RunConfig`); options below override it")
     p.add_argument("--epochs", type=_positive_int, default=None)
     p.add_argument("--backbone", choices=("efficientnet_lite0", "resnet18", "resnet50"), default=None)
-    p.add_argument("--image-size", type=_positive_int, default=None, help="a multiple of 32 (default 128)")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="a multiple of 32 (default 160)")
     p.add_argument("--mode", choices=("auto", "frozen", "partial", "finetune"), default=None,
-                   help="auto (default): finetune on CUDA, frozen backbone with cached features on CPU")
+                   help="auto (default): finetune on CUDA; on CPU partial (the top backbone units train over "
+                        "cached lower feature maps)")
     p.add_argument("--clustering", choices=("kmeans", "sinkhorn"), default=None)
     p.add_argument("--clusters", type=_int_list, default=None, help="k values, e.g. 7,14 (default: label-free rule)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="per domain per step (default 64)")
@@ -457,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs --no-rerank)")
     p.add_argument("--memory-budget-mb", type=_positive_float, default=None,
                    help="with --index-type auto: largest index per domain in MiB")
+    p.add_argument("--chunk-size", type=_positive_int, default=1024,
+                   help="images per saved embedding chunk, as for `embed` (default 1024)")
+    p.add_argument("--shard-rows", type=_positive_int, default=None,
+                   help="ivf-ondisk: images per shard, read from the saved chunks and filled by one process at a "
+                        "time (default 1000000)")
     p.add_argument("--feature", choices=("head", "backbone"), default=None,
                    help="embedding to index (default: the run's model.index_feature)")
     p.add_argument("--add", nargs="+", default=None, metavar="PATH",
@@ -500,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", choices=("head", "backbone"), default=None,
                    help="embedding to evaluate (default: the run's model.index_feature; backbone without --run)")
     p.add_argument("--image-size", type=_positive_int, default=None,
-                   help="eval image side, a multiple of 32 (default: the run's; 128 without --run)")
+                   help="eval image side, a multiple of 32 (default: the run's; 160 without --run)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
     p.add_argument("--detector", default=None, metavar="INDEX_DIR",
                    help="also score the domain detector of this index folder (e.g. RUN_DIR/index) on the "

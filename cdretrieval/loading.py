@@ -184,7 +184,7 @@ def load_model(
         backbone: baseline backbone (default EfficientNet-Lite0); with a run it must match the run's.
         weights: baseline backbone weights (``default``, ``none``, or a state-dict file); ignored with a run.
         feature: ``head`` | ``backbone`` (default: the run's ``model.index_feature``; ``backbone`` without run).
-        image_size: eval image side (default: the run's ``data.image_size``; 128 without a run).
+        image_size: eval image side (default: the run's ``data.image_size``; 160 without a run).
         device: ``auto`` | ``cpu`` | ``cuda[:i]`` | a torch.device.
         runtime: the backbone's runtime, ``auto`` | ``onnxruntime`` | ``torch`` (None: ``$CDRETRIEVAL_RUNTIME``,
             default ``auto``: ONNX Runtime on the CPU when it works); see :meth:`LoadedModel.backbone_forward`.

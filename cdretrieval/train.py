@@ -56,7 +56,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cdretrieval import __version__
-from cdretrieval.config import RunConfig, TrainConfig, cluster_counts, drop_retired_keys, validate
+from cdretrieval.config import (
+    RunConfig,
+    TrainConfig,
+    backbone_lr_scale,
+    cluster_counts,
+    drop_retired_keys,
+    validate,
+)
 from cdretrieval.data.datasets import warn_skipped
 from cdretrieval.data.digits import resolve_data_root
 from cdretrieval.data.folders import scan_domains
@@ -130,13 +137,15 @@ __all__ = [
 ]
 
 
-def make_optimizer(head: nn.Module, body: nn.Module | None, t: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(head: nn.Module, body: nn.Module | None, t: TrainConfig, mode: str = "finetune"
+                   ) -> torch.optim.Optimizer:
     """The training optimiser (``t.optimizer``): ``head``'s trainable parameters at ``t.lr``, ``body``'s
-    (the backbone, or the part of it that trains; None when it is frozen) at ``t.lr · t.backbone_lr_scale``."""
+    (the backbone, or the part of it that trains in ``mode``; None when it is frozen) at
+    ``t.lr`` × :func:`~cdretrieval.config.backbone_lr_scale`."""
     groups: list[dict[str, Any]] = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": t.lr}]
     if body is not None:
         groups.append({"params": [p for p in body.parameters() if p.requires_grad],
-                       "lr": t.lr * t.backbone_lr_scale})
+                       "lr": t.lr * backbone_lr_scale(t, mode)})
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
@@ -157,10 +166,10 @@ class TrainResult:
 
 
 def resolve_mode(cfg: RunConfig, device: torch.device) -> str:
-    """``auto`` → finetune on CUDA, frozen elsewhere."""
+    """``auto`` → finetune on CUDA, partial elsewhere (the top units train over cached lower maps)."""
     mode = cfg.train.mode
     if mode == "auto":
-        return "finetune" if device.type == "cuda" else "frozen"
+        return "finetune" if device.type == "cuda" else "partial"
     return mode
 
 
@@ -229,7 +238,7 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model)
         self.steps_per_epoch = cfg.train.steps_per_epoch or math.ceil(max(sizes.values()) / cfg.train.batch_size)
         body = self.encoder.backbone if self.mode in ("finetune", "partial") else None
-        self.optimizer = make_optimizer(self.encoder.head, body, cfg.train)
+        self.optimizer = make_optimizer(self.encoder.head, body, cfg.train, self.mode)
         total = self.steps_per_epoch * cfg.train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(total, self.steps_per_epoch * cfg.train.warmup_epochs)

@@ -189,11 +189,11 @@ def test_pretrain_set_overrides_any_config_field(tmp_path: Path, capsys: pytest.
     config.write_text("losses:\n  temperature: 0.3\ntrain:\n  epochs: 4\n", encoding="utf-8")
     args = build_parser().parse_args([
         "pretrain", "--data", "d", "--out", "o", "--config", str(config), "--epochs", "7",
-        "--set", "losses.temperature=0.15", "--set", "train.trainable_units=2", "--set", "losses.num_clusters=[7, 14]",
+        "--set", "losses.temperature=0.15", "--set", "train.trainable_units=3", "--set", "losses.num_clusters=[7, 14]",
         "--set", "losses.terms.mim.weight=0", "--set", "train.lr=5e-4",
     ])
     cfg = _config_from_args(args)
-    assert cfg.losses.temperature == 0.15 and cfg.train.epochs == 7 and cfg.train.trainable_units == 2
+    assert cfg.losses.temperature == 0.15 and cfg.train.epochs == 7 and cfg.train.trainable_units == 3
     assert cfg.losses.num_clusters == [7, 14] and cfg.losses.terms["mim"].weight == 0.0 and cfg.train.lr == 5e-4
     # an unknown key or an invalid value: one `error:` line, exit 2, nothing created
     for bad, message in (("train.nope=1", "unknown config key 'train.nope'"),

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdretrieval.config import LossConfig, RunConfig, cluster_counts
+from cdretrieval.config import LossConfig, RunConfig, TrainConfig, backbone_lr_scale, cluster_counts
 
 
 def test_yaml_roundtrip(tmp_path: Path) -> None:
@@ -52,6 +52,7 @@ def test_cluster_counts_rule() -> None:
         ("model:\n  dim: 0\n", "model.dim"),
         ("data:\n  num_workers: -1\n", "num_workers"),
         ("train:\n  lr: 0\n", "train.lr"),
+        ("train:\n  backbone_lr_scale: -1\n", "backbone_lr_scale"),
     ],
 )
 def test_sizes_are_bounded(tmp_path: Path, yaml_text: str, message: str) -> None:
@@ -76,3 +77,12 @@ def test_retired_keys_of_older_runs_still_load(tmp_path: Path) -> None:
     assert "tensorboard" in old["train"]  # the caller's mapping is left alone
     with pytest.raises(ValueError, match="unknown key.*tensorbord"):
         RunConfig.from_dict({"train": {"tensorbord": True}})
+
+
+def test_backbone_lr_scale_is_the_modes_unless_set() -> None:
+    """None picks the mode's measured multiplier (finetune 0.1, partial 1.0); a set value wins in every mode."""
+    t = TrainConfig()
+    assert t.backbone_lr_scale is None
+    assert backbone_lr_scale(t, "finetune") == 0.1 and backbone_lr_scale(t, "partial") == 1.0
+    t.backbone_lr_scale = 0.3
+    assert backbone_lr_scale(t, "finetune") == 0.3 and backbone_lr_scale(t, "partial") == 0.3

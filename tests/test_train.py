@@ -17,7 +17,7 @@ from cdretrieval.data.transforms import eval_transform
 from cdretrieval.errors import CheckpointError, DataError
 from cdretrieval.models.encoder import build_encoder
 from cdretrieval.run import load_checkpoint, load_encoder
-from cdretrieval.train import Prototypes, Trainer, pretrain
+from cdretrieval.train import Prototypes, Trainer, pretrain, resolve_mode
 
 
 def _free_port() -> int:
@@ -94,6 +94,20 @@ def test_partial_mode_trains_exactly_the_top_units(demo_root: Path, tmp_path: Pa
     for name, t in tr.encoder.state_dict().items():  # BatchNorm statistics stay (eval mode)
         if "running_" in name or "num_batches" in name:
             assert torch.equal(t, before[name]), name
+
+
+def test_auto_mode_and_optimiser_groups(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
+    """On CPU "auto" trains partially; the top units then learn at lr × 1.0 beside the head (lr), and an
+    explicit ``backbone_lr_scale`` replaces that multiplier."""
+    cfg = small_config(demo_root, epochs=1, mode="auto")
+    assert resolve_mode(cfg, torch.device("cpu")) == "partial"
+    assert resolve_mode(cfg, torch.device("cuda")) == "finetune"
+    tr = Trainer(cfg, tmp_path / "run", progress=False, feature_cache=feature_cache)
+    assert tr.mode == "partial" and tr.split is not None and tr.split.trainable_units == 2
+    assert [g["initial_lr"] for g in tr.optimizer.param_groups] == [cfg.train.lr, cfg.train.lr]  # before warm-up
+    cfg.train.backbone_lr_scale = 0.25
+    tr = Trainer(cfg, tmp_path / "run2", progress=False, feature_cache=feature_cache)
+    assert [g["initial_lr"] for g in tr.optimizer.param_groups] == [cfg.train.lr, 0.25 * cfg.train.lr]
 
 
 def test_partial_mode_cache_reproduces_the_network(demo_root: Path, tmp_path: Path, feature_cache: Path) -> None:
