@@ -6,6 +6,8 @@ A batch job (``cdretrieval embed``, and the first step of indexing and evaluatio
   baseline backbone, ``chunk_size`` images at a time; each finished chunk is saved atomically
   (:mod:`cdretrieval.embedding_chunks`), so a killed job resumes after its last complete chunk.
 * :func:`embed_all` / :func:`embed_samples` — the same for samples at hand and a :class:`LoadedModel`.
+* :func:`store_all` / :func:`store_samples` — the same, leaving the embeddings on disk: a lazy
+  :class:`StoredDomain` per domain, read shard by shard (``ivf-ondisk`` indexes of domains larger than memory).
 
 Embedding folder layout::
 
@@ -37,6 +39,7 @@ from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE, Chunk, ChunkStore, 
 from cdretrieval.errors import DataError
 from cdretrieval.index import Item, safe_domain_name
 from cdretrieval.loading import LoadedModel, load_model
+from cdretrieval.ondisk import Shard
 from cdretrieval.run import EMBEDDINGS_DIR
 from cdretrieval.validation import check_int
 
@@ -66,6 +69,89 @@ class EmbeddedDomain:
     def __len__(self) -> int:
         return len(self.items)
 
+
+
+@dataclass
+class StoredDomain:
+    """One domain's embeddings left in its complete chunk store, read one chunk at a time when asked:
+    :meth:`shards` for an ``ivf-ondisk`` build, :meth:`sample` for a seeded subset. Its rows, items and
+    skipped images are those of :class:`EmbeddedDomain` (chunk order, unreadable images left out); only the
+    chunks' row indices and skipped lists are read to open it. Made by :func:`store_samples`.
+    """
+
+    domain: str
+    store: ChunkStore
+    samples: Sequence[Sample]
+    rows: list[int]  # readable rows per chunk
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
+    feature: str = "head"
+    model_hash: str = ""
+
+    @classmethod
+    def open(
+        cls, store: ChunkStore, domain: str, samples: Sequence[Sample], *, feature: str, model_hash: str
+    ) -> StoredDomain:
+        """The domain of the complete ``store`` of ``samples`` (``feature`` vectors of model ``model_hash``).
+
+        Raises:
+            DataError: a chunk is missing or inconsistent.
+        """
+        rows: list[int] = []
+        bad: list[tuple[int, str]] = []
+        for i in range(store.n_chunks):
+            outline = store.read_outline(i)
+            if outline is None:
+                raise DataError(f"{store.folder}: chunk {i} is missing or unreadable; embed the domain again")
+            rows.append(len(outline[0]))
+            bad += outline[1]
+        warn_skipped(bad, f"domain {domain}")
+        return cls(domain, store, samples, rows, [(samples[j].path, r) for j, r in bad], feature, model_hash)
+
+    def __len__(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    def read(self, i: int) -> tuple[np.ndarray, list[Item]]:
+        """Chunk ``i``'s embeddings [m, D] and the :class:`Item` of each row.
+
+        Raises:
+            DataError: the chunk file is gone, unreadable or no longer has the rows it had when opened.
+        """
+        chunk = self.store.read_chunk(i)
+        if chunk is None or len(chunk.indices) != self.rows[i]:
+            raise DataError(f"{self.store.folder}: chunk {i} is missing, unreadable or changed since it was "
+                            "embedded; embed the domain again")
+        return chunk.embeddings, _items_of(self.domain, self.samples, chunk.indices, chunk.sizes)
+
+    def shards(self, shard_rows: int) -> list[Shard]:
+        """The domain as :data:`~cdretrieval.ondisk.Shard` s: runs of consecutive chunks of about
+        ``shard_rows`` samples (at least one chunk each), each reading its chunk files one at a time
+        whenever it is called (nothing is held between calls)."""
+        check_int(shard_rows, "shard_rows", 1)
+        per = max(1, shard_rows // self.store.chunk_size)
+        n = self.store.n_chunks
+        return [self._shard(range(a, min(a + per, n))) for a in range(0, n, per)]
+
+    def _shard(self, chunk_ids: range) -> Shard:
+        def read() -> Iterator[tuple[np.ndarray, list[Item]]]:
+            return (self.read(i) for i in chunk_ids if self.rows[i])
+
+        return read
+
+    def sample(self, k: int, seed: int = 0) -> np.ndarray:
+        """A seeded sample of ``min(k, len(self))`` rows [k', D], in row order, read chunk by chunk."""
+        n = len(self)
+        picked = np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
+        out, first = [], 0
+        for i, m in enumerate(self.rows):
+            lo, hi = np.searchsorted(picked, [first, first + m])
+            if hi > lo:
+                out.append(self.read(i)[0][picked[lo:hi] - first])
+            first += m
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
 @dataclass(frozen=True)
@@ -136,24 +222,38 @@ def embed_samples(
             chunks = store.completed()
         else:
             store.clear()
+    chunks.extend(c for _, c in _compute_into(model, domain, samples, len(chunks), store, settings, on_chunk))
     n_chunks = -(-n // chunk_size)
-    start = chunks[-1].stop if chunks else 0  # the stored chunks are the leading ones
-    if chunks:
-        logger.info("%s: resuming at image %d of %d (%d chunks on disk)", domain, start, n, len(chunks))
+    assert len(chunks) == n_chunks, f"{domain}: embedded {len(chunks)} of {n_chunks} chunks"
+    return _assemble(model, domain, samples, chunks)
 
+
+def _compute_into(
+    model: LoadedModel,
+    domain: str,
+    samples: Sequence[Sample],
+    first: int,
+    store: ChunkStore | None,
+    settings: EmbedSettings,
+    on_chunk: ChunkCallback | None,
+) -> Iterator[tuple[int, Chunk]]:
+    """One process: the chunks ``first, first + 1, ...`` of ``samples`` computed in order (under a progress
+    bar), each written to ``store`` with its progress (when given) and reported, then yielded."""
+    n, chunk_size = len(samples), settings.chunk_size
+    start = min(first * chunk_size, n)
+    if first:
+        logger.info("%s: resuming at image %d of %d (%d chunks on disk)", domain, start, n, first)
     bar = tqdm(total=n, initial=start, desc=f"embedding {domain}", unit="img",
                disable=not settings.progress or start >= n, leave=False)
     try:
-        for i, chunk in _compute_chunks(model, samples, range(len(chunks), n_chunks), settings, bar):
-            chunks.append(chunk)
+        for i, chunk in _compute_chunks(model, samples, range(first, -(-n // chunk_size)), settings, bar):
             if store is not None:
                 store.write(i, chunk)
             if on_chunk is not None:
                 on_chunk(domain, i, chunk.stop, n)
+            yield i, chunk
     finally:
         bar.close()
-    assert len(chunks) == n_chunks, f"{domain}: embedded {len(chunks)} of {n_chunks} chunks"
-    return _assemble(model, domain, samples, chunks)
 
 
 def _store_key(model: LoadedModel, samples: Sequence[Sample]) -> dict[str, Any]:
@@ -215,15 +315,33 @@ def _embed_shared(
     settings: EmbedSettings,
     on_chunk: ChunkCallback | None,
 ) -> EmbeddedDomain:
-    """:func:`embed_samples` with every rank of the process group: each embeds its share of the chunks.
+    """:func:`embed_samples` with every rank of the process group: each embeds its share of the chunks
+    (:func:`_fill_shared`), then every rank reads the whole domain back in chunk order. Every rank returns the
+    whole domain, identical to a single process's result (exactly, when ``chunk_size`` is a multiple of
+    ``batch_size``: the model then sees the same batches).
+    """
+    store = _fill_shared(model, domain, samples, folder, settings, on_chunk)
+    read = [store.read_chunk(i) for i in range(store.n_chunks)]  # every rank: the whole domain, in order
+    _finish_shared(store, [i for i, c in enumerate(read) if c is None])
+    return _assemble(model, domain, samples, [c for c in read if c is not None])
+
+
+def _fill_shared(
+    model: LoadedModel,
+    domain: str,
+    samples: Sequence[Sample],
+    folder: Path,
+    settings: EmbedSettings,
+    on_chunk: ChunkCallback | None,
+) -> ChunkStore:
+    """Every rank of the process group embeds its share of the domain's missing chunks into ``folder``.
 
     Rank 0 claims the store (:meth:`ChunkStore.claim`: another key's chunks, or all with ``resume`` False,
     are discarded); each rank checks the chunks ``r, r+W, ...`` on disk; the chunks still missing, in
     order, are dealt out round-robin (pending chunk ``j`` goes to rank ``j mod W``), so a rerun after a
     killed rank redoes only the chunks that never reached the disk, spread over every rank. Each rank
-    writes its chunks atomically; after a barrier rank 0 reads them all back in chunk order and records the
-    store complete. Every rank returns the whole domain, identical to a single process's result (exactly,
-    when ``chunk_size`` is a multiple of ``batch_size``: the model then sees the same batches).
+    writes its chunks atomically; returns after a barrier (every chunk written); the caller checks them and
+    records the store complete (:func:`_finish_shared`).
 
     Raises:
         DataError: the ranks see different sample lists (no shared filesystem, or files changing).
@@ -253,14 +371,22 @@ def _embed_shared(
     finally:
         bar.close()
     barrier()
-    read = [store.read_chunk(i) for i in range(store.n_chunks)]  # every rank: the whole domain, in order
-    missing = sorted({i for part in gather_objects([i for i, c in enumerate(read) if c is None]) for i in part})
+    return store
+
+
+def _finish_shared(store: ChunkStore, unreadable: Sequence[int]) -> None:
+    """Every rank: gather the chunks each found ``unreadable`` after :func:`_fill_shared`; raise if any, else
+    rank 0 records the store complete.
+
+    Raises:
+        RuntimeError: a chunk is missing or unreadable after every rank finished.
+    """
+    missing = sorted({i for part in gather_objects(list(unreadable)) for i in part})
     if missing:
-        raise RuntimeError(f"{folder}: chunks {missing[:8]} are missing or unreadable after every rank finished")
-    if me == 0:
+        raise RuntimeError(f"{store.folder}: chunks {missing[:8]} are missing or unreadable after every rank "
+                           "finished")
+    if rank() == 0:
         store.write_progress(store.n_chunks)
-    done = [c for c in read if c is not None]
-    return _assemble(model, domain, samples, done)
 
 
 def _cut_chunk(
@@ -287,16 +413,21 @@ def _cut_chunk(
     return Chunk(start, stop, emb.reshape(-1, dim), i[take].numpy(), s[take].numpy().reshape(-1, 2), chunk_bad)
 
 
+def _items_of(domain: str, samples: Sequence[Sample], rows: np.ndarray, sizes: np.ndarray) -> list[Item]:
+    """The :class:`Item` of each embedded row: sample indices ``rows`` [m] with their ``sizes`` [m, 2]."""
+    return [
+        Item(samples[j].path, domain, samples[j].label, int(w), int(h))
+        for j, (w, h) in zip(rows.tolist(), sizes.tolist(), strict=True)
+    ]
+
+
 def _assemble(model: LoadedModel, domain: str, samples: Sequence[Sample], chunks: Sequence[Chunk]) -> EmbeddedDomain:
     """Concatenate chunks into one :class:`EmbeddedDomain` with its item table."""
     emb = np.concatenate([c.embeddings for c in chunks]) if chunks else np.zeros((0, model.dim), np.float32)
     rows = np.concatenate([c.indices for c in chunks]) if chunks else np.zeros(0, np.int64)
     wh = np.concatenate([c.sizes for c in chunks]) if chunks else np.zeros((0, 2), np.int64)
     bad = [b for c in chunks for b in c.bad]
-    items = [
-        Item(samples[j].path, domain, samples[j].label, int(w), int(h))
-        for j, (w, h) in zip(rows.tolist(), wh.tolist(), strict=True)
-    ]
+    items = _items_of(domain, samples, rows, wh)
     warn_skipped(bad, f"domain {domain}")
     return EmbeddedDomain(
         domain=domain,
@@ -327,6 +458,43 @@ def embed_all(
         )
         for d, samples in data.items()
     }
+
+
+def store_samples(
+    model: LoadedModel,
+    domain: str,
+    samples: Sequence[Sample],
+    folder: Path,
+    settings: EmbedSettings,
+    on_chunk: ChunkCallback | None = None,
+) -> StoredDomain:
+    """:func:`embed_samples` that leaves the embeddings in ``folder``'s chunk store: every chunk is computed
+    (or kept, with ``resume``) and written, none is held, and the complete store is returned as a
+    :class:`StoredDomain` (under ``torchrun``: on every rank, each having embedded its share)."""
+    if world_size() > 1:
+        store = _fill_shared(model, domain, samples, folder, settings, on_chunk)
+        _finish_shared(store, store.pending(range(rank(), store.n_chunks, world_size())))
+    else:
+        store = ChunkStore(folder, _store_key(model, samples), len(samples), settings.chunk_size, model.dim)
+        first = store.completed_count() if settings.resume else 0
+        if not settings.resume:
+            store.clear()
+        for _ in _compute_into(model, domain, samples, first, store, settings, on_chunk):
+            pass
+    return StoredDomain.open(store, domain, samples, feature=model.feature, model_hash=model.model_hash)
+
+
+def store_all(
+    model: LoadedModel,
+    data: Mapping[str, Sequence[Sample]],
+    store_base: Path,
+    split: str | None,
+    settings: EmbedSettings,
+) -> dict[str, StoredDomain]:
+    """:func:`store_samples` for each domain of ``data``, its chunks in :func:`embeddings_folder` under
+    ``store_base``: :func:`embed_all` without holding any domain's embeddings."""
+    return {d: store_samples(model, d, samples, embeddings_folder(store_base, d, model.feature, split), settings)
+            for d, samples in data.items()}
 
 
 def embed_domains(

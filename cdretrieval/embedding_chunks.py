@@ -30,7 +30,7 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,23 +135,30 @@ class ChunkStore:
 
         Stored chunks for another key are deleted here, so they can never be mixed with new ones.
         """
+        return list(self._leading_chunks())
+
+    def completed_count(self) -> int:
+        """How many chunks :meth:`completed` would return, each read and checked but none kept (the same
+        side effects: another key's chunks are deleted)."""
+        return sum(1 for _ in self._leading_chunks())
+
+    def _leading_chunks(self) -> Iterator[Chunk]:
+        """The leading complete, readable chunks for this key, read one at a time (see :meth:`completed`)."""
         progress = self._read_progress()
         if progress is None:
             self.clear()  # chunk files without a progress file (a job killed before it wrote one) are no key's
-            return []
+            return
         if progress.get("key") != self.key:
             logger.info("embeddings in %s are for another model or sample list; recomputing", self.folder)
             self.clear()
-            return []
+            return
         done = int(progress.get("chunks_done", 0))
-        chunks: list[Chunk] = []
         for i in range(min(done, self.n_chunks)):
             chunk = self.read_chunk(i)
             if chunk is None:
                 logger.warning("%s unreadable; recomputing from chunk %d", self.folder / _chunk_name(i), i)
-                break
-            chunks.append(chunk)
-        return chunks
+                return
+            yield chunk
 
     def _read_progress(self) -> dict[str, Any] | None:
         path = self.folder / PROGRESS_FILE
@@ -187,6 +194,21 @@ class ChunkStore:
             and bool(np.isfinite(emb).all())
         )
         return Chunk(start, stop, emb, idx, sizes, [(int(j), str(r)) for j, r in bad]) if ok else None
+
+    def read_outline(self, i: int) -> tuple[np.ndarray, list[tuple[int, str]]] | None:
+        """Chunk ``i``'s row sample indices [m] and its unreadable samples, without its embeddings (only
+        those members of the file are read); None when the file is missing or they are inconsistent."""
+        start, stop = self.bounds(i)
+        try:
+            with np.load(self.folder / _chunk_name(i), allow_pickle=False) as z:
+                idx = np.asarray(z["indices"], dtype=np.int64)
+                bad = [(int(j), str(r)) for j, r in zip(z["bad_indices"].tolist(), z["bad_reasons"].tolist(),
+                                                        strict=True)]
+        except (OSError, ValueError, KeyError) as e:
+            logger.debug("chunk %d: %s", i, e)
+            return None
+        ok = idx.ndim == 1 and len(idx) + len(bad) == stop - start and bool(np.all((idx >= start) & (idx < stop)))
+        return (idx, bad) if ok else None
 
     # -- writing --------------------------------------------------------------------------------------
     def write(self, i: int, chunk: Chunk) -> None:

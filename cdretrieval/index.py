@@ -43,7 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import faiss
 import numpy as np
@@ -52,6 +52,9 @@ from cdretrieval.domain_detection import DETECTOR_FILE, DomainDetector
 from cdretrieval.errors import DataError, IndexFileError, IndexMismatchError, QueryError
 from cdretrieval.io import atomic_write_bytes, atomic_write_json, read_json, recover_dir, replace_dir
 from cdretrieval.rerank import RerankParams, augment_new_items, database_side_augmentation, knn_graph_method
+
+if TYPE_CHECKING:
+    from cdretrieval.ondisk import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")  # held in memory
 ONDISK_TYPE = "ivf-ondisk"  # IVF lists in a memory-mapped file (cdretrieval.ondisk)
 ALL_INDEX_TYPES = (*INDEX_TYPES, ONDISK_TYPE)
 IVFDATA_FILE = "index.ivfdata"  # the lists of an ivf-ondisk index
+DEFAULT_SHARD_ROWS = 1_000_000  # vectors per shard of an ivf-ondisk build (the most it holds in memory at once)
 
 AUTO_FLAT_MAX = 50_000  # "auto": exact search up to this many vectors (a 1k-query search stays ~0.1 s)
 AUTO_HNSW_MAX = 1_000_000  # "auto": beyond this HNSW builds too slowly on CPU; IVF trains and adds fast
@@ -583,7 +587,7 @@ class DomainIndex:
         use_gpu: UseGpu = "auto",
         rerank: RerankParams | None = None,
         ondisk_dir: str | os.PathLike[str] | None = None,
-        shard_rows: int = 1_000_000,
+        shard_rows: int = DEFAULT_SHARD_ROWS,
     ) -> DomainIndex:
         """Index ``embeddings`` [N, D] (L2-normalised here) of ``domain``, one :class:`Item` per row.
 
@@ -688,23 +692,71 @@ class DomainIndex:
         shard_rows: int,
         use_gpu: UseGpu,
     ) -> DomainIndex:
-        """:func:`~cdretrieval.ondisk.build_ondisk_index` of the rows ``a`` into a new temporary folder under
-        ``ondisk_dir``, loaded from there (the folder is removed when the index is garbage-collected)."""
-        from cdretrieval.ondisk import OnDiskParams, array_shards, build_ondisk_index
+        """:meth:`build_on_disk` of the rows ``a`` in shards of ``shard_rows`` rows."""
+        from cdretrieval.ondisk import array_shards
 
         shard_rows = _check_positive_int(shard_rows, "shard_rows")
+        return cls.build_on_disk(array_shards(a, items, shard_rows), len(a), a.shape[1], domain, model_hash,
+                                 requested=requested, nlist=nlist, nprobe=nprobe, pq_m=pq_m, ondisk_dir=ondisk_dir,
+                                 use_gpu=use_gpu)
+
+    @classmethod
+    def build_on_disk(
+        cls,
+        shards: Sequence[Shard],
+        n: int,
+        dim: int,
+        domain: str,
+        model_hash: str,
+        *,
+        requested: str = ONDISK_TYPE,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        pq_m: int | None = None,
+        ondisk_dir: str | os.PathLike[str] | None = None,
+        use_gpu: UseGpu = "auto",
+    ) -> DomainIndex:
+        """An ``ivf-ondisk`` index of the ``n`` vectors (``dim``-d) of ``shards``, built by
+        :func:`~cdretrieval.ondisk.build_ondisk_index` into a new temporary folder under ``ondisk_dir``
+        (default: the system's) and loaded from there (the folder is removed when the index is
+        garbage-collected; :meth:`save` links its lists into the saved folder).
+
+        ``shards`` are :data:`~cdretrieval.ondisk.Shard` s, re-readable slices of the vectors and their items
+        in id order (e.g. :meth:`cdretrieval.domain_embeddings.StoredDomain.shards`: no more than one shard's
+        rows are ever in memory). With ``ondisk_dir`` the shard files are kept in
+        ``ondisk_dir/.<safe domain>.ondisk-shards`` until the merge, so a rerun after a failed or killed
+        build keeps the shards already filled. Under ``torchrun`` every rank calls it with the same arguments
+        (a filesystem every rank sees): the ranks fill the shards, rank 0's temporary folder holds the index.
+
+        Raises:
+            DataError: a bad domain or model hash, no shards, or what :func:`build_ondisk_index` raises.
+        """
+        from cdretrieval.distributed import broadcast_object, rank
+        from cdretrieval.ondisk import OnDiskParams, build_ondisk_index
+
+        if not isinstance(domain, str) or not domain:
+            raise DataError(f"domain must be a non-empty string, got {domain!r}")
+        if not isinstance(model_hash, str) or not model_hash:
+            raise DataError(f"model_hash must be a non-empty string, got {model_hash!r}")
+        n, dim = _check_positive_int(n, "n"), _check_positive_int(dim, "dim")
         params = OnDiskParams(nlist=nlist, nprobe=nprobe, pq_m=pq_m)
-        if ondisk_dir is not None:
-            Path(ondisk_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="cdretrieval-ondisk-", dir=ondisk_dir))
+        work = Path(ondisk_dir) / f".{safe_domain_name(domain)}.ondisk-shards" if ondisk_dir is not None else None
+        tmp_name: str | None = None
+        if rank() == 0:
+            if ondisk_dir is not None:
+                Path(ondisk_dir).mkdir(parents=True, exist_ok=True)
+            tmp_name = tempfile.mkdtemp(prefix="cdretrieval-ondisk-", dir=ondisk_dir)
+        tmp = Path(broadcast_object(tmp_name))  # every rank builds into rank 0's folder
         try:
-            folder = build_ondisk_index(tmp / "index", array_shards(a, items, shard_rows), len(a), a.shape[1],
-                                        domain, model_hash, params, extra_manifest={"requested_index_type": requested})
+            folder = build_ondisk_index(tmp / "index", shards, n, dim, domain, model_hash, params, work_dir=work,
+                                        extra_manifest={"requested_index_type": requested})
             built = cls.load(folder, use_gpu=use_gpu)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        weakref.finalize(built, shutil.rmtree, tmp, True)  # the mapped file's pages outlive the unlink
+        if rank() == 0:  # its creator removes it; the mapped file's pages outlive the unlink
+            weakref.finalize(built, shutil.rmtree, tmp, True)
         return built
 
     def add(self, embeddings: Any, items: Sequence[Item]) -> None:
