@@ -101,6 +101,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def check_all_ranks(error: BaseException | None, what: str) -> None:
+    """Collective: every rank reports its own failure of step ``what`` (its exception, or None); raises on
+    every rank when any failed — the rank's own exception where it failed, else a ``RuntimeError`` naming the
+    first failed rank and its error — so no rank waits for a failed one in a later collective until the
+    process group's timeout. A single process just re-raises ``error``."""
+    reports = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+    if failed:
+        r, msg = failed[0]
+        raise RuntimeError(f"rank {r} failed while {what}: {msg}")
+
+
 def mean_over_ranks(values: Tensor) -> Tensor:
     """The mean of ``values`` over the ranks (a sum all-reduce, divided); ``values`` itself when alone."""
     if world_size() == 1:
@@ -112,6 +126,7 @@ def mean_over_ranks(values: Tensor) -> Tensor:
 __all__ = [
     "barrier",
     "broadcast_object",
+    "check_all_ranks",
     "gather_objects",
     "gather_rows",
     "gather_rows_with_grad",

@@ -8,7 +8,9 @@ given as *shards* (slices in id order, each re-readable), three times at most:
    queries (rows not used for training).
 2. **fill** (every rank under ``torchrun``: rank ``r`` fills shards ``r, r+W, ...``): each shard is added to
    a copy of the trained empty index and written as its own file, with its item lines and the exact top-k
-   of the queries among its rows (brute force, one block at a time).
+   of the queries among its rows (brute force, one block at a time), then ``shard_<s>.json`` (last) naming
+   the trained index, queries and ids they were made for: a rerun after a killed or failed build keeps the
+   shards already filled for the same training (a deterministic seeded sample and k-means), refilling the rest.
 3. **merge** (rank 0): ``faiss.contrib.ondisk.merge_ondisk`` concatenates the shards' lists into one
    ``index.ivfdata`` (FAISS ``OnDiskInvertedLists``). Each shard was added with global ids (its first id is
    the rows of the shards before it, counted in pass 1), so id ``i`` is row ``i`` of ``items.jsonl`` (the
@@ -29,6 +31,9 @@ the lists are memory-mapped read-only from the ``index.ivfdata`` beside it (the 
 come from the page cache as queries touch them. ``index.faiss`` and ``items.jsonl`` are verified by size and
 sha256 as for other indexes; ``index.ivfdata`` by its size only (it may be larger than memory; its sha256
 is recorded for an offline check, :func:`verify_ivfdata`), and its size against the lists' extent.
+
+Under ``torchrun`` a failure in any phase (rank 0's sampling and merge, any rank's fill) is reported to every
+rank (:func:`~cdretrieval.distributed.check_all_ranks`), which then all raise instead of waiting for it.
 
 Memory while building: the training sample, one shard's lists (``shard rows × (4·dim + 8)`` bytes), the
 queries and their top-k; merging maps the shard files (page cache, not anonymous memory).
@@ -53,7 +58,7 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from cdretrieval.distributed import barrier, broadcast_object, gather_objects, rank, world_size
+from cdretrieval.distributed import broadcast_object, check_all_ranks, gather_objects, rank, world_size
 from cdretrieval.errors import DataError
 from cdretrieval.index import (
     FORMAT_VERSION,
@@ -74,6 +79,8 @@ logger = logging.getLogger(__name__)
 TRAIN_PER_LIST = 50
 #: Rows normalised, added and compared with the queries at a time.
 BLOCK_ROWS = 16_384
+#: Bytes read at a time when files are hashed or concatenated.
+IO_BLOCK = 1 << 20
 #: Flags for serving: lists read from the ``index.ivfdata`` beside ``index.faiss``, mapped read-only.
 LOAD_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 
@@ -210,11 +217,44 @@ def _shard_paths(work: Path, s: int) -> tuple[Path, Path, Path]:
     return work / f"shard_{s:05d}.faiss", work / f"shard_{s:05d}.items.jsonl", work / f"shard_{s:05d}.topk.npz"
 
 
+def _shard_key(
+    trained: bytes, queries: np.ndarray, k: int, first_id: int, rows: int | None, domain: str
+) -> dict[str, Any]:
+    """What a filled shard's files depend on besides its vectors: the trained index, the queries, its ids."""
+    return {"trained": hashlib.sha256(trained).hexdigest(), "first_id": int(first_id), "rows": rows, "k": int(k),
+            "queries": hashlib.sha256(np.ascontiguousarray(queries, np.float32).tobytes()).hexdigest(),
+            "domain": domain}
+
+
+def _filled_before(work: Path, s: int, key: dict[str, Any]) -> int | None:
+    """The row count shard ``s`` was filled with for ``key`` by an earlier (killed or failed) build whose
+    files are all in ``work``, else None."""
+    done = work / f"shard_{s:05d}.json"
+    try:
+        record = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key or not all(p.is_file() for p in _shard_paths(work, s)):
+        return None
+    return int(record["rows"])
+
+
 def fill_shard(
-    trained: bytes, shard: Shard, s: int, first_id: int, queries: np.ndarray, k: int, work: Path, domain: str
+    trained: bytes, shard: Shard, s: int, first_id: int, queries: np.ndarray, k: int, work: Path, domain: str,
+    *, rows: int | None = None,
 ) -> int:
-    """Add shard ``s`` (ids from ``first_id`` on) to a copy of the ``trained`` (serialised) empty index; write
-    its index, its item lines and its queries' exact top-k into ``work``; return its row count."""
+    """Add shard ``s`` (ids from ``first_id`` on; ``rows`` of them when known) to a copy of the ``trained``
+    (serialised) empty index; write its index, its item lines and its queries' exact top-k into ``work``,
+    then ``shard_<s>.json`` recording what they were made from; return its row count.
+
+    A shard whose files an earlier build already wrote for the same trained index, queries and ids (its
+    ``shard_<s>.json`` written last, every file atomically) is not read or filled again.
+    """
+    key = _shard_key(trained, queries, k, first_id, rows, domain)
+    earlier = _filled_before(work, s, key)
+    if earlier is not None:
+        logger.info("%s: shard %d already filled (%d rows), kept", domain, s, earlier)
+        return earlier
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     exact = ExactTopK(queries, k)
     index_path, items_path, topk_path = _shard_paths(work, s)
@@ -236,6 +276,7 @@ def fill_shard(
         faiss.write_index(index, writer)
     with atomic_open(topk_path, "wb") as fh:
         np.savez(fh, scores=exact.scores, ids=exact.ids)
+    atomic_write_json(work / f"shard_{s:05d}.json", {"key": key, "rows": n})  # last: the shard is complete
     return n
 
 
@@ -245,7 +286,7 @@ def _concat_items(work: Path, n_shards: int, out: Path) -> tuple[int, str]:
     with atomic_open(out, "wb") as dst:
         for s in range(n_shards):
             with open(_shard_paths(work, s)[1], "rb") as src:
-                while block := src.read(1 << 22):
+                while block := src.read(IO_BLOCK):
                     h.update(block)
                     size += len(block)
                     dst.write(block)
@@ -253,10 +294,10 @@ def _concat_items(work: Path, n_shards: int, out: Path) -> tuple[int, str]:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file of any size, read 16 MiB at a time."""
+    """sha256 of a file of any size, read :data:`IO_BLOCK` bytes at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
+        while block := fh.read(IO_BLOCK):
             h.update(block)
     return h.hexdigest()
 
@@ -322,7 +363,8 @@ def build_ondisk_index(
 
     Under ``torchrun`` every rank calls it with the same arguments (a filesystem all ranks share): rank 0
     samples, trains and merges, and every rank fills its shards ``r, r+W, ...``. Shard files live in
-    ``work_dir`` (default ``.<folder name>.shards`` beside ``folder``), removed after the merge.
+    ``work_dir`` (default ``.<folder name>.shards`` beside ``folder``), removed after the merge; a failed or
+    killed build leaves them, and a rerun with the same vectors keeps those already filled.
 
     Args:
         shards: slices of the vectors in id order (see :data:`Shard`); ids run through them in order.
@@ -353,21 +395,25 @@ def build_ondisk_index(
     trained: bytes | None = None
     queries = np.empty((0, dim), np.float32)
     ordered: list[int] = []  # rows per shard
+    error: Exception | None = None
     if rank() == 0:
-        work.mkdir(parents=True, exist_ok=True)
-        train_ids, query_ids = _sample_ids(n, train_size, n_queries, params.seed)
-        (sample, queries), ordered = _gather_rows(shards, [train_ids, query_ids], dim)
-        if sum(ordered) != n:
-            raise DataError(f"the shards of domain {domain!r} hold {sum(ordered)} vectors, expected {n}")
-        trained = faiss.serialize_index(train_empty_index(sample, nlist, params.pq_m)).tobytes()
-        del sample
+        try:
+            trained, queries, ordered = _train(shards, n, dim, domain, train_size, n_queries, nlist, params, work)
+        except Exception as e:  # every rank raises below
+            error = e
+    check_all_ranks(error, f"sampling and training the index of domain {domain!r}")
     trained, queries, ordered = broadcast_object((trained, queries, ordered))
     assert trained is not None
     train_s = time.perf_counter() - t0
 
     firsts = np.concatenate([[0], np.cumsum(ordered)]).tolist()
-    filled = {s: fill_shard(trained, shards[s], s, firsts[s], queries, params.k, work, domain)
-              for s in range(rank(), len(shards), world_size())}
+    filled: dict[int, int] = {}
+    try:
+        for s in range(rank(), len(shards), world_size()):
+            filled[s] = fill_shard(trained, shards[s], s, firsts[s], queries, params.k, work, domain, rows=ordered[s])
+    except Exception as e:  # every rank raises below
+        error = e
+    check_all_ranks(error, f"filling shards of domain {domain!r}")
     changed = {s: c for part in gather_objects(filled) for s, c in part.items() if c != ordered[s]}
     if changed:
         raise DataError(f"shards {sorted(changed)} of domain {domain!r} changed while the index was built")
@@ -391,10 +437,26 @@ def build_ondisk_index(
                            "params": asdict(params)},
                 "files": files,
             })
-        replace_dir(folder, fill)
-        shutil.rmtree(work, ignore_errors=True)
-    barrier()
+        try:
+            replace_dir(folder, fill)
+            shutil.rmtree(work, ignore_errors=True)
+        except Exception as e:  # every rank raises below
+            error = e
+    check_all_ranks(error, f"merging the shards of domain {domain!r}")  # also the barrier before loading
     return folder
+
+
+def _train(
+    shards: Sequence[Shard], n: int, dim: int, domain: str, train_size: int, n_queries: int, nlist: int,
+    params: OnDiskParams, work: Path,
+) -> tuple[bytes, np.ndarray, list[int]]:
+    """Pass 1 (rank 0): the serialised trained empty index, the held-out queries [Q, D] and each shard's rows."""
+    work.mkdir(parents=True, exist_ok=True)
+    train_ids, query_ids = _sample_ids(n, train_size, n_queries, params.seed)
+    (sample, queries), ordered = _gather_rows(shards, [train_ids, query_ids], dim)
+    if sum(ordered) != n:
+        raise DataError(f"the shards of domain {domain!r} hold {sum(ordered)} vectors, expected {n}")
+    return faiss.serialize_index(train_empty_index(sample, nlist, params.pq_m)).tobytes(), queries, ordered
 
 
 def array_shards(vectors: np.ndarray, items: Sequence[Any], shard_rows: int) -> list[Shard]:
