@@ -12,19 +12,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from cdretrieval.data.folders import PathsOrFolder, collect_images, parse_domains
-from cdretrieval.domain_detection import DETECTOR_FEATURES, DomainDetector
-from cdretrieval.domain_embeddings import EmbedSettings, embed_all, embed_samples, feature_vectors, scan_data
+from cdretrieval.data.folders import PathsOrFolder, Sample, collect_images, parse_domains
+from cdretrieval.device import resolve_device
+from cdretrieval.distributed import check_all_ranks, init_distributed, local_device, rank
+from cdretrieval.domain_detection import DETECTOR_FEATURES, MAX_PER_DOMAIN, DomainDetector
+from cdretrieval.domain_embeddings import (
+    EmbedSettings,
+    embed_all,
+    embed_samples,
+    feature_vectors,
+    scan_data,
+    store_all,
+)
 from cdretrieval.embedding_chunks import DEFAULT_CHUNK_SIZE
 from cdretrieval.errors import CDRetrievalError, DataError
-from cdretrieval.index import INDEX_SET_FILE, IndexSet, Item, UseGpu
+from cdretrieval.index import DEFAULT_SHARD_ROWS, INDEX_SET_FILE, ONDISK_TYPE, DomainIndex, IndexSet, Item, UseGpu
 from cdretrieval.io import read_json
 from cdretrieval.loading import LoadedModel, index_root, load_model, load_run_index
 from cdretrieval.rerank import DEFAULT_RERANK, RerankParams, check_rerank_params
@@ -142,10 +152,16 @@ def build_indexes(
     domains are kept; every domain manifest records the model hash (``model_hash(encoder)``)
     and ``feature``, ``backbone``, ``image_size``, ``data_root``, ``split``, ``run_dir``.
 
+    Under ``torchrun`` every process joins the group, embeds its share of the chunks (see
+    :func:`~cdretrieval.domain_embeddings.embed_domains`) and, with ``ivf-ondisk``, fills its share of the
+    shards; rank 0 writes the index set (a filesystem all ranks see); every rank returns the set.
+
     Args:
         index_type: ``flat`` | ``ivf`` | ``hnsw`` | ``ivfpq`` | ``ivf-ondisk`` | ``auto`` (per domain, under
             ``memory_budget_mb`` — see :func:`cdretrieval.index.choose_index_type`); ``ivf-ondisk`` needs
-            ``rerank=None`` and is built beside the index folder (same filesystem: its lists are linked).
+            ``rerank=None``, reads each domain straight from its chunk store in shards of ``shard_rows``
+            samples (default 1M; no domain is ever whole in memory; a rerun keeps the shards a killed build
+            filled) and is built beside the index folder (same filesystem: its lists are linked).
         rerank: re-ranking (default :data:`~cdretrieval.rerank.DEFAULT_RERANK`; None = plain indexes): each
             domain's vectors are replaced by their database-side augmentation before indexing and the
             params go into the manifests, so searches expand queries (see :mod:`cdretrieval.rerank`).
@@ -168,49 +184,131 @@ def build_indexes(
     check_rerank_params(rerank)
     if domain_detector is not None and domain_detector not in DETECTOR_FEATURES:
         raise ValueError(f"domain_detector must be one of {DETECTOR_FEATURES} or None, got {domain_detector!r}")
+    if index_type == ONDISK_TYPE and rerank is not None:
+        raise DataError(f"{ONDISK_TYPE} takes no re-ranking (DBA needs every vector in memory); build it with "
+                        "rerank=None (--no-rerank)")
     root, data = scan_data(data_root, domains, split)
-    model = load_model(run_dir, feature=feature, device=device)
+    dev = local_device(device if isinstance(device, torch.device) else resolve_device(device))
+    init_distributed(dev)  # under torchrun: join the group (gloo on CPU, NCCL on CUDA); else nothing
+    model = load_model(run_dir, feature=feature, device=dev)
     assert model.run_dir is not None
     root_of_index = index_root(model.run_dir, index_dir)
     if parse_domains(domains) is None and split is None:
         _check_no_domain_dropped(root, data, _previous_domains(root_of_index))
-    embedded = embed_all(model, data, model.run_dir / EMBEDDINGS_DIR, split, settings)
-    unreadable = {d: e.skipped for d, e in embedded.items() if len(e) == 0}
-    if unreadable:
-        d, skipped = next(iter(unreadable.items()))
-        raise DataError(
-            f"no readable image in domain(s) {list(unreadable)}: all {len(skipped)} image(s) of {d!r} were "
-            f"skipped (e.g. {skipped[0][1]}); fix or remove them, or leave the domain out with --domains"
-        )
+    options = {"ondisk_dir": root_of_index.parent, **index_options}  # ivf-ondisk lists: linked into the set
     try:
-        iset = IndexSet.build(
-            {d: e.embeddings for d, e in embedded.items()},
-            {d: e.items for d, e in embedded.items()},
-            model.model_hash,
-            index_type,
-            memory_budget_mb=memory_budget_mb,
-            use_gpu=use_gpu,
-            rerank=rerank,
-            **{"ondisk_dir": root_of_index.parent, **index_options},  # ivf-ondisk lists: linked into the set
-        )
+        if index_type == ONDISK_TYPE:
+            iset, skipped, detector_vectors = _index_from_store(model, data, split, settings, use_gpu, options)
+        else:
+            iset, skipped, detector_vectors = _index_in_memory(model, data, split, settings, index_type,
+                                                               memory_budget_mb, use_gpu, rerank, options)
     except CDRetrievalError:
         raise
     except ValueError as e:  # e.g. no index type fits the memory budget
         raise DataError(f"cannot build the {index_type} index: {e}") from e
     extra = _provenance(model, root, split)
     for d in iset:
-        iset[d].manifest.update(extra, skipped=len(embedded[d].skipped))
-    if domain_detector is not None and len(embedded) >= 2:
-        vectors = feature_vectors(model, domain_detector, embedded, data, split, settings)
+        iset[d].manifest.update(extra, skipped=skipped[d])
+    if domain_detector is not None and len(iset) >= 2:
+        vectors = detector_vectors(domain_detector)
         iset.set_detector(DomainDetector.fit(vectors, feature=domain_detector,  # type: ignore[arg-type]
                                              model_hash=model.model_hash))
         logger.info("domain detector (%s features): held-out accuracy %s", domain_detector,
                     iset.detector.holdout_accuracy if iset.detector is not None else None)
     if parse_domains(domains) is not None:
         iset = _merge_with_previous(iset, root_of_index, use_gpu)
-    iset.save(root_of_index)
+    error: Exception | None = None
+    if rank() == 0:  # under torchrun every rank holds the same set; rank 0 writes it
+        try:
+            iset.save(root_of_index)
+        except Exception as e:  # every rank raises below
+            error = e
+    check_all_ranks(error, f"saving the index set in {root_of_index}")
     return iset
 
+
+#: Each domain's vectors of a feature (``head`` | ``backbone``), for fitting the domain detector.
+DetectorVectors = Callable[[str], dict[str, np.ndarray]]
+
+
+def _check_readable(skipped: Mapping[str, Sequence[tuple[str, str]]], sizes: Mapping[str, int]) -> None:
+    """Refuse domains of which no image could be read (``sizes[d] == 0``; ``skipped[d]``: why).
+
+    Raises:
+        DataError: naming the domains and one image's reason.
+    """
+    unreadable = {d: skipped[d] for d, n in sizes.items() if n == 0}
+    if unreadable:
+        d, bad = next(iter(unreadable.items()))
+        raise DataError(
+            f"no readable image in domain(s) {list(unreadable)}: all {len(bad)} image(s) of {d!r} were "
+            f"skipped (e.g. {bad[0][1] if bad else 'no image'}); fix or remove them, or leave the domain out "
+            "with --domains"
+        )
+
+
+def _index_in_memory(
+    model: LoadedModel,
+    data: Mapping[str, Sequence[Sample]],
+    split: str | None,
+    settings: EmbedSettings,
+    index_type: str,
+    memory_budget_mb: float | None,
+    use_gpu: UseGpu,
+    rerank: RerankParams | None,
+    options: Mapping[str, Any],
+) -> tuple[IndexSet, dict[str, int], DetectorVectors]:
+    """Every domain embedded into memory (resumably) and indexed: the set, each domain's skipped images
+    and the detector's vectors."""
+    assert model.run_dir is not None
+    embedded = embed_all(model, data, model.run_dir / EMBEDDINGS_DIR, split, settings)
+    _check_readable({d: e.skipped for d, e in embedded.items()}, {d: len(e) for d, e in embedded.items()})
+    iset = IndexSet.build(
+        {d: e.embeddings for d, e in embedded.items()},
+        {d: e.items for d, e in embedded.items()},
+        model.model_hash,
+        index_type,
+        memory_budget_mb=memory_budget_mb,
+        use_gpu=use_gpu,
+        rerank=rerank,
+        **options,
+    )
+
+    def detector_vectors(feature: str) -> dict[str, np.ndarray]:
+        return feature_vectors(model, feature, embedded, data, split, settings)
+
+    return iset, {d: len(e.skipped) for d, e in embedded.items()}, detector_vectors
+
+
+def _index_from_store(
+    model: LoadedModel,
+    data: Mapping[str, Sequence[Sample]],
+    split: str | None,
+    settings: EmbedSettings,
+    use_gpu: UseGpu,
+    options: Mapping[str, Any],
+) -> tuple[IndexSet, dict[str, int], DetectorVectors]:
+    """``ivf-ondisk`` indexes read straight from the domains' chunk stores, shard by shard (``shard_rows``
+    samples of consecutive chunks each; :meth:`StoredDomain.shards`): no domain is ever whole in memory.
+    The detector is fitted on a seeded sample of :data:`MAX_PER_DOMAIN` rows per domain read from disk."""
+    assert model.run_dir is not None
+    base = model.run_dir / EMBEDDINGS_DIR
+    stored = store_all(model, data, base, split, settings)
+    _check_readable({d: s.skipped for d, s in stored.items()}, {d: len(s) for d, s in stored.items()})
+    shard_rows = options.get("shard_rows", DEFAULT_SHARD_ROWS)
+    iset = IndexSet({
+        d: DomainIndex.build_on_disk(s.shards(shard_rows), len(s), s.dim, d, model.model_hash,
+                                     nlist=options.get("nlist"), nprobe=options.get("nprobe"),
+                                     pq_m=options.get("pq_m"), ondisk_dir=options.get("ondisk_dir"), use_gpu=use_gpu)
+        for d, s in stored.items()
+    })
+
+    def detector_vectors(feature: str) -> dict[str, np.ndarray]:
+        source = stored if feature == model.feature else store_all(model.with_feature(feature), data, base, split,
+                                                                   settings)
+        return {d: s.sample(MAX_PER_DOMAIN) for d, s in source.items() if len(s)}
+
+    return iset, {d: len(s.skipped) for d, s in stored.items()}, detector_vectors
 
 
 @dataclass

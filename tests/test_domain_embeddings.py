@@ -1,5 +1,7 @@
 """Embedding under ``torchrun``: 2 gloo processes share each domain's chunks and give exactly the result of 1;
-a rank killed with ``kill -9`` mid-way leaves finished chunks that the rerun keeps (issue 15)."""
+a rank killed with ``kill -9`` mid-way leaves finished chunks that the rerun keeps; ``cdretrieval index
+--index-type ivf-ondisk`` under torchrun (embedding, then shards read from the chunk store) gives the index of
+1 process, which equals one built from the same vectors in memory (issue 15)."""
 
 from __future__ import annotations
 
@@ -29,15 +31,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _embed_cmd(run: Path, data: Path, nproc: int) -> list[str]:
-    """``cdretrieval embed`` in one process, or under torchrun with ``nproc`` gloo processes (``-m -- MODULE``:
+def _cli_cmd(command: str, run: Path, data: Path, nproc: int, *more: str) -> list[str]:
+    """``cdretrieval COMMAND`` in one process, or under torchrun with ``nproc`` gloo processes (``-m -- MODULE``:
     torchrun would otherwise take ``--run`` for an abbreviation of its own ``--run-path``)."""
     launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", "-m",
                 "--"]
-    args = ["cdretrieval.cli", "embed", "--run", str(run), "--data", str(data), "--domains", DOMAINS,
+    args = ["cdretrieval.cli", command, "--run", str(run), "--data", str(data), "--domains", DOMAINS,
             "--chunk-size", str(CHUNK), "--batch-size", str(CHUNK), "--num-workers", "0", "--device", "cpu",
-            "--no-progress"]
+            "--no-progress", *more]
     return [sys.executable, *(launcher if nproc > 1 else ["-m"]), *args]
+
+
+def _embed_cmd(run: Path, data: Path, nproc: int) -> list[str]:
+    return _cli_cmd("embed", run, data, nproc)
 
 
 def _env() -> dict[str, str]:
@@ -154,3 +160,35 @@ def test_killed_rank_rerun_redoes_only_unfinished_chunks(
                                                                                               st.st_mtime_ns)]
     assert kept == list(before), "a chunk finished before the kill was computed again"
     _same_store(run, reference)
+
+
+def test_two_gloo_processes_build_the_ondisk_index_of_one(tiny_run: Path, demo_root: Path, tmp_path: Path) -> None:
+    from cdretrieval.domain_embeddings import embed_domains
+    from cdretrieval.index import ONDISK_TYPE, DomainIndex, IndexSet
+
+    sets = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"run{nproc}"
+        shutil.copytree(tiny_run, run)
+        out = _run(_cli_cmd("index", run, demo_root, nproc, "--index-type", ONDISK_TYPE, "--no-rerank",
+                            "--shard-rows", "32"))  # 2 chunks a shard: 4 shards a domain, 2 per rank
+        summary = json.loads(out.stdout[out.stdout.index("{"):])  # rank 0 alone prints the summary
+        assert summary["domains"] == {d: {"count": 120, "index_type": ONDISK_TYPE} for d in ("ink", "photo")}
+        sets[nproc] = IndexSet.load(run / "index", use_gpu=False)
+        assert not list(run.glob(".*.ondisk-shards")), "shard files left after the merge"
+    one, two = sets[1], sets[2]
+    queries = np.random.default_rng(0).standard_normal((20, one.dim)).astype(np.float32)
+    kwargs = {"domains": DOMAINS, "chunk_size": CHUNK, "device": "cpu", "progress": False, "num_workers": 0}
+    embedded = embed_domains(tmp_path / "run1", demo_root, **kwargs)  # the same vectors, read back into memory
+    for d, e in embedded.items():
+        assert one[d].manifest["ondisk"]["shards"] == two[d].manifest["ondisk"]["shards"] == [32, 32, 32, 24]
+        assert two[d].items == one[d].items == e.items
+        memory = DomainIndex.build(e.embeddings, e.items, d, one.model_hash, ONDISK_TYPE, shard_rows=32,
+                                   ondisk_dir=tmp_path / "memory", use_gpu=False)
+        want_scores, want_ids = memory.search(queries, 10)
+        for got in (one[d], two[d]):
+            scores, ids = got.search(queries, 10)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
+    assert one.detector is not None and two.detector is not None
+    assert two.detector.summary() == one.detector.summary()
