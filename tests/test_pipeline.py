@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from cdretrieval import loading
+from cdretrieval.config import RunConfig
 from cdretrieval.data.demo import DEMO_SIZE
 from cdretrieval.data.images import is_image_file, load_image
 from cdretrieval.data.transforms import eval_transform
@@ -305,9 +306,9 @@ def test_onnxruntime_embeddings_match_pytorch(
 
 
 def test_onnxruntime_matches_pytorch_on_pacs(pacs_root: Path) -> None:
-    """The same contract at the default 128 px on real photos, art, cartoons and sketches (baseline Lite0)."""
+    """The same contract at the default image size on real photos, art, cartoons and sketches (baseline Lite0)."""
     pytest.importorskip("onnxruntime")
-    x = _real_images(pacs_root, 128, per_domain=4)
+    x = _real_images(pacs_root, RunConfig().data.image_size, per_domain=4)
     fast = load_model(None, device="cpu", runtime="onnxruntime")
     eager = load_model(None, device="cpu", runtime="torch")
     got, want = fast.embed(x), eager.embed(x)
