@@ -188,9 +188,19 @@ def _gather_rows(
     return out, counts
 
 
+def _gpu_clustering_index(dim: int) -> faiss.Index | None:
+    """A flat inner-product index on every GPU FAISS sees (faiss-gpu), for the coarse k-means; None without.
+
+    k-means is the expensive part of training (``t · nlist · D`` per iteration); the trained centroids land
+    in the CPU quantiser as usual, so filling, merging and serving stay on the CPU."""
+    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
+        return None
+    return faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
+
+
 def train_empty_index(sample: np.ndarray, nlist: int, pq_m: int | None) -> faiss.IndexIVF:
     """An empty IVF index (inner product) trained on the unit rows ``sample`` [t, D]: IVF-flat, or IVF-PQ
-    with ``pq_m`` 8-bit sub-quantisers."""
+    with ``pq_m`` 8-bit sub-quantisers. The coarse k-means runs on the GPUs when FAISS sees any."""
     dim = sample.shape[1]
     quantizer = faiss.IndexFlatIP(dim)
     index: faiss.IndexIVF
@@ -200,7 +210,12 @@ def train_empty_index(sample: np.ndarray, nlist: int, pq_m: int | None) -> faiss
         if dim % pq_m:
             raise ValueError(f"pq_m={pq_m} must divide the embedding dim {dim}")
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, PQ_NBITS, faiss.METRIC_INNER_PRODUCT)
+    gpu = _gpu_clustering_index(dim)
+    if gpu is not None:
+        index.clustering_index = gpu  # IndexIVF.train runs the k-means there, then adds the centroids here
     index.train(sample)
+    if gpu is not None:
+        index.clustering_index = None  # type: ignore[assignment]  # the GPU index is released, never written
     return index
 
 

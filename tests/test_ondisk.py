@@ -195,3 +195,16 @@ def test_two_gloo_ranks_fill_the_shards_of_one_index(tmp_path: Path) -> None:
     two = DomainIndex.load(tmp_path / "two", "hash-a", DIM, use_gpu=False)
     assert two.manifest["ondisk"]["shards"] == [700] * 4 + [200] and two.items == one.items
     np.testing.assert_array_equal(two.search(x[:40], 10)[1], one.search(x[:40], 10)[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="FAISS sees no GPU")
+def test_coarse_kmeans_on_the_gpu_gives_a_cpu_index(tmp_path: Path) -> None:
+    """With faiss-gpu the k-means runs on the GPU; the index written and served is an ordinary CPU index
+    that finds each vector's own cluster-mates as well as a CPU-trained one does."""
+    x = clustered(N, seed=1)
+    idx = build(tmp_path / "g", x)
+    ivf = faiss.extract_index_ivf(idx.index)
+    assert ivf.clustering_index is None and ivf.ntotal == N and ivf.nlist == PARAMS.nlist
+    _, ids = idx.search(x[:50], 1)
+    assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
