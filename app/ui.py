@@ -65,7 +65,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -439,6 +439,9 @@ class ImageFiles:
         return final
 
 
+_V = TypeVar("_V")
+
+
 class ThumbnailCache:
     """Small RGB thumbnails of indexed images (LRU, ``capacity`` entries); a missing file gets a grey tile.
 
@@ -466,41 +469,42 @@ class ThumbnailCache:
             logger.warning("cannot make a thumbnail of an indexed image: %s", e)
             return _placeholder(self.size)
 
+    def _recall(self, table: OrderedDict[str, _V], path: str) -> _V | None:
+        """``table[path]`` marked most recently used, or None when it is not there."""
+        with self._lock:
+            value = table.get(path)
+            if value is not None:
+                table.move_to_end(path)
+            return value
+
+    def _remember(self, table: OrderedDict[str, _V], path: str, value: _V) -> _V:
+        """``value`` stored as ``table[path]``, the least recently used entries dropped beyond ``capacity``."""
+        with self._lock:
+            table[path] = value
+            while len(table) > self.capacity:
+                table.popitem(last=False)
+        return value
+
     def get(self, path: str) -> Image.Image:
         """The thumbnail's pixels (kept in memory)."""
-        with self._lock:
-            thumb = self._items.get(path)
-            if thumb is not None:
-                self._items.move_to_end(path)
-                return thumb
-        thumb = self._make(path)
-        with self._lock:
-            self._items[path] = thumb
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return thumb
+        thumb = self._recall(self._items, path)
+        return thumb if thumb is not None else self._remember(self._items, path, self._make(path))
 
     def tile(self, path: str) -> str | Image.Image:
         """What a gallery shows for ``path``: the thumbnail's file with ``files``, else its pixels (also when
         the file cannot be written: logged)."""
         if self.files is None:
             return self.get(path)
-        with self._lock:
-            file = self._paths.get(path)
-            if file is not None:
-                self._paths.move_to_end(path)
-                return file
+        file = self._recall(self._paths, path)
+        if file is not None:
+            return file
         thumb = self._make(path)
         try:
             file = str(self.files.path(thumb))
         except OSError as e:
             logger.warning("cannot write a thumbnail file: %s", e)
             return thumb
-        with self._lock:
-            self._paths[path] = file
-            while len(self._paths) > self.capacity:
-                self._paths.popitem(last=False)
-        return file
+        return self._remember(self._paths, path, file)
 
 
 def _relative_to(path: str | None, base: str | None) -> str | None:

@@ -551,8 +551,8 @@ def _stat(path: Path) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _in_threads(fn: Any, n: int = 16) -> list[Any]:
-    """``fn()`` called by ``n`` threads released at once; their results."""
+def _in_threads(fn: Any, n: int = 16, timeout: float = 60) -> list[Any]:
+    """``fn()`` called by ``n`` threads released at once; their results (None where one did not finish)."""
     start = threading.Barrier(n)
     out: list[Any] = [None] * n
 
@@ -564,7 +564,7 @@ def _in_threads(fn: Any, n: int = 16) -> list[Any]:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=timeout)
     return out
 
 
@@ -619,20 +619,12 @@ def test_generated_images_go_to_a_subfolder_of_the_served_folder(tmp_path: Path)
 
 def _serve_from_threads(files: ServedFiles, path: Path, n: int = 8) -> list[tuple[Path | None, bytes]]:
     """``n`` threads call ``files.serve(path)`` at once and read what they get."""
-    start = threading.Barrier(n)
-    out: list[tuple[Path | None, bytes]] = [(None, b"")] * n
 
-    def work(i: int) -> None:
-        start.wait()
+    def serve() -> tuple[Path | None, bytes]:
         copy = files.serve(path)
-        out[i] = (copy, copy.read_bytes() if copy is not None else b"")
+        return copy, copy.read_bytes() if copy is not None else b""
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    return out
+    return _in_threads(serve, n, timeout=30)
 
 
 @pytest.mark.parametrize("hard_link", [True, False], ids=["hard-link", "copy"])
