@@ -18,14 +18,12 @@ before the backbone); ``generate_demo_data`` writes it once.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cdretrieval.io import atomic_write_json
+from cdretrieval.io import atomic_write_json, replace_dir
 from cdretrieval.paths import cache_dir
 
 DEMO_DOMAINS: tuple[str, ...] = ("ink", "outline", "photo")
@@ -140,9 +138,7 @@ def generate_demo_data(root: str | os.PathLike[str] | None = None, per_domain: i
     order = np.random.default_rng(0).permutation(len(labels))
     thirds = np.array_split(order, len(DEMO_DOMAINS))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         counts: dict[str, int] = {}
         for d_idx, (domain, ids) in enumerate(zip(DEMO_DOMAINS, thirds, strict=True)):
             ids = np.sort(ids)[:per_domain] if per_domain else np.sort(ids)
@@ -163,10 +159,5 @@ def generate_demo_data(root: str | os.PathLike[str] | None = None, per_domain: i
             tmp / _MANIFEST,
             {"name": "cdretrieval demo digits", "version": DEMO_VERSION, "size": DEMO_SIZE, "counts": counts},
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return replace_dir(out, fill)  # written beside ``out`` and renamed into place: never half a data set

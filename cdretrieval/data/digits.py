@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cdretrieval.errors import DataError
-from cdretrieval.io import atomic_write_json, read_json
+from cdretrieval.io import atomic_write_json, read_json, replace_dir
 from cdretrieval.paths import cache_dir
 
 #: Instance-paired domain pairs among the known digit files (same index = same handwritten stroke).
@@ -73,9 +71,8 @@ def materialize_npz_root(
     out = Path(out_root) if out_root else cache_dir() / "npz" / f"{Path(root).resolve().name}-{_fingerprint(files)}"
     if (out / PAIRS_FILE).is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         for f in files:
             images, labels = load_npz_domain(f)
             for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
@@ -86,13 +83,8 @@ def materialize_npz_root(
         stems = {f.stem for f in files}
         paired = [list(p) for p in PAIRED_DIGIT_DOMAINS if set(p) <= stems]
         atomic_write_json(tmp / PAIRS_FILE, {"paired_domains": paired, "source": str(Path(root).resolve())})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return replace_dir(out, fill)
 
 
 def paired_domains(root: str | os.PathLike[str]) -> list[tuple[str, str]]:
