@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _train_setup import shrunk
 
 from cdretrieval.config import RunConfig
 from cdretrieval.retrieval import Retriever
@@ -12,17 +13,8 @@ from cdretrieval.workflow import demo_config, prepare_demo
 
 
 def _small(root: Path) -> RunConfig:
-    cfg = demo_config(str(root), None, is_demo_data=True)
-    cfg.data.image_size = 64
-    cfg.data.num_workers = 0
-    cfg.model.hidden_dim = 64
-    cfg.model.dim = 32
-    cfg.train.epochs = 2
-    cfg.train.steps_per_epoch = 2
-    cfg.train.cached_views = 1
-    cfg.train.batch_size = 16
-    cfg.train.device = "cpu"
-    return cfg
+    return shrunk(demo_config(str(root), None, is_demo_data=True), hidden_dim=64, epochs=2, steps_per_epoch=2,
+                  cached_views=1)
 
 
 def test_demo_trains_indexes_then_reuses(demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _train_setup import small_config
 
 from cdretrieval.config import RunConfig
 from cdretrieval.errors import IndexFileError
@@ -89,20 +90,7 @@ def _tmp_files(folder: Path, name: str) -> list[Path]:
 
 
 def _train_config(path: Path) -> Path:
-    cfg = RunConfig()
-    cfg.data.image_size = 64
-    cfg.data.hflip = 0.0
-    cfg.data.num_workers = 0
-    cfg.model.hidden_dim = 64
-    cfg.model.dim = 32
-    cfg.train.mode = "frozen"
-    cfg.train.cached_views = 2
-    cfg.train.batch_size = 16
-    cfg.train.epochs = 6
-    cfg.train.steps_per_epoch = 20
-    cfg.train.device = "cpu"
-    cfg.losses.num_clusters = [5, 10]
-    cfg.save(path)
+    small_config(None, hidden_dim=64, epochs=6, steps_per_epoch=20).save(path)
     return path
 
 
