@@ -90,15 +90,16 @@ _RERANK_OPTIONS = {"dba_k": "--dba-k", "dba_power": "--dba-power", "qe_k": "--qe
 
 
 def _add_rerank_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--rerank/--no-rerank`` (default on) and the four re-ranking parameters."""
+    """``--rerank/--no-rerank`` (default off; any parameter turns it on) and the four re-ranking parameters."""
     p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"re-rank {what}: database-side augmentation + α-query expansion (default: on)")
+                   help=f"re-rank {what}: database-side augmentation + α-query expansion (default: off; "
+                        "any of the options below turns it on; docs/reranking.md)")
     p.add_argument("--dba-k", type=_positive_int, default=None,
-                   help="neighbours averaged per gallery vector, itself included; 1 = no DBA (default 10)")
+                   help="neighbours averaged per gallery vector, itself included; 1 = no DBA (default 20)")
     p.add_argument("--dba-power", type=_non_negative_float, default=None,
                    help="DBA weight exponent p in max(s,0)^p (default 3)")
     p.add_argument("--qe-k", type=_non_negative_int, default=None,
-                   help="top hits added to the query; 0 = no query expansion (default 10)")
+                   help="top hits added to the query; 0 = no query expansion (default 20)")
     p.add_argument("--qe-alpha", type=_non_negative_float, default=None,
                    help="query-expansion weight exponent α in max(s,0)^α (default 3)")
 
@@ -109,10 +110,11 @@ def _rerank_given(args: argparse.Namespace) -> list[str]:
 
 
 def _rerank_params(args: argparse.Namespace) -> RerankParams | None:
-    """The re-ranking asked for: None with ``--no-rerank``, else the defaults overridden by the options."""
+    """The re-ranking asked for: None unless ``--rerank`` or a parameter option is given, else the defaults
+    overridden by the options."""
     from cdretrieval.rerank import RerankParams
 
-    if args.rerank is False:
+    if args.rerank is False or (args.rerank is None and not _rerank_given(args)):
         return None
     given = {field: getattr(args, field) for field in _RERANK_OPTIONS if getattr(args, field) is not None}
     return RerankParams(**given)

@@ -37,7 +37,7 @@ from cdretrieval.errors import CDRetrievalError, DataError
 from cdretrieval.index import DEFAULT_SHARD_ROWS, INDEX_SET_FILE, ONDISK_TYPE, DomainIndex, IndexSet, Item, UseGpu
 from cdretrieval.io import read_json
 from cdretrieval.loading import LoadedModel, index_root, load_model, load_run_index
-from cdretrieval.rerank import DEFAULT_RERANK, RerankParams, check_rerank_params
+from cdretrieval.rerank import RerankParams, check_rerank_params
 from cdretrieval.run import EMBEDDINGS_DIR
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def build_indexes(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     index_dir: str | os.PathLike[str] | None = None,
     use_gpu: UseGpu = "auto",
-    rerank: RerankParams | None = DEFAULT_RERANK,
+    rerank: RerankParams | None = None,
     domain_detector: str | None = DEFAULT_DETECTOR_FEATURE,
     **index_options: Any,
 ) -> IndexSet:
@@ -162,7 +162,8 @@ def build_indexes(
             ``rerank=None``, reads each domain straight from its chunk store in shards of ``shard_rows``
             samples (default 1M; no domain is ever whole in memory; a rerun keeps the shards a killed build
             filled) and is built beside the index folder (same filesystem: its lists are linked).
-        rerank: re-ranking (default :data:`~cdretrieval.rerank.DEFAULT_RERANK`; None = plain indexes): each
+        rerank: re-ranking (default None = plain indexes; e.g. :data:`~cdretrieval.rerank.DEFAULT_RERANK`):
+            off by default since it stopped winning on held-out data (docs/reranking.md). Given, each
             domain's vectors are replaced by their database-side augmentation before indexing and the
             params go into the manifests, so searches expand queries (see :mod:`cdretrieval.rerank`).
         domain_detector: the feature the domain detector is fitted on — ``"backbone"`` (default: the

@@ -243,7 +243,7 @@ def reranked_run(indexed_run: Path, tmp_path_factory: pytest.TempPathFactory, de
     """A copy of the plain ``indexed_run`` re-indexed with the default re-ranking (embeddings from disk)."""
     run = tmp_path_factory.mktemp("reranked") / "run"
     shutil.copytree(indexed_run, run)
-    build_indexes(run, demo_root, **FAST)  # re-ranking is the default
+    build_indexes(run, demo_root, **FAST, rerank=DEFAULT_RERANK)
     return run
 
 
@@ -361,7 +361,7 @@ def test_cli_rerank_options(reranked_run: Path, retriever: Retriever, demo_root:
     assert main([*search, "--no-rerank"]) == 0
     plain = json.loads(capsys.readouterr().out)[0]["results"]
     assert [r["item_id"] for r in plain] == [r.item_id for r in retriever.search(path, "photo", k=5, rerank=False)]
-    assert main(search) == 0
+    assert main(search) == 0  # searches as the index was built: re-ranked
     default = json.loads(capsys.readouterr().out)[0]["results"]
     assert [r["item_id"] for r in default] == [r.item_id for r in retriever.search(path, "photo", k=5)]
 
@@ -376,6 +376,11 @@ def test_cli_rerank_options(reranked_run: Path, retriever: Retriever, demo_root:
                  *cpu]) == 0
     assert json.loads(capsys.readouterr().out)["rerank"] is None
     assert IndexSet.load(run / INDEX_DIR)["photo"].rerank is None
+    assert main(["index", "--run", str(run), "--data", str(demo_root), "--domains", "ink,photo", "--rerank",
+                 *cpu]) == 0  # --rerank alone: the defaults
+    assert json.loads(capsys.readouterr().out)["rerank"] == DEFAULT_RERANK.to_dict()
+    assert main(["index", "--run", str(run), "--data", str(demo_root), "--domains", "ink,photo", *cpu]) == 0
+    assert json.loads(capsys.readouterr().out)["rerank"] is None  # plain by default
     out = tmp_path / "eval.json"
     assert main(["evaluate", "--data", str(demo_root), "--domains", "ink,photo", "--run", str(run), "--ks", "1",
                  "--qe-k", "3", "--json", str(out), *cpu]) == 0

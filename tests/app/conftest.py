@@ -23,9 +23,11 @@ if TYPE_CHECKING:  # app.server imports gradio: only when a test needs the serve
 
 @pytest.fixture(scope="session")
 def app_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """RUN_DIR with checkpoint.pt (untrained head, pretrained backbone) and indexes of the 3 demo domains."""
+    """RUN_DIR with checkpoint.pt (untrained head, pretrained backbone) and re-ranked indexes of the 3 demo
+    domains."""
     from cdretrieval.config import RunConfig
     from cdretrieval.indexing import build_indexes
+    from cdretrieval.rerank import DEFAULT_RERANK
     from cdretrieval.run import encoder_from_config, save_checkpoint
 
     cfg = RunConfig()
@@ -40,7 +42,7 @@ def app_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     encoder = encoder_from_config(cfg)
     run = tmp_path_factory.mktemp("app-run")
     save_checkpoint(run, {"model": encoder.state_dict()}, cfg)
-    build_indexes(run, demo_root, list(DEMO_DOMAINS))
+    build_indexes(run, demo_root, list(DEMO_DOMAINS), rerank=DEFAULT_RERANK)  # the UI serves re-ranked indexes too
     return run
 
 
