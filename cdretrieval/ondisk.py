@@ -329,7 +329,7 @@ def _exact_truth(work: Path, n_shards: int, queries: np.ndarray, k: int) -> np.n
     """The exact top-k ids [Q, k] of the queries among all rows, from the shards' top-k."""
     exact = ExactTopK(queries, k)
     for s in range(n_shards):
-        with np.load(_shard_paths(work, s)[2]) as z:
+        with np.load(_shard_paths(work, s)[2], allow_pickle=False) as z:
             exact.merge(z["scores"], z["ids"])
     return exact.ids
 

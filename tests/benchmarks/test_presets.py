@@ -24,7 +24,7 @@ def test_every_preset_is_described() -> None:
     assert get_preset("digits").overrides["data.hflip"] == 0.0
     assert get_preset("pacs").default_root().name == "pacs"
     demo = get_preset("demo")  # trains exactly the shipped demo config, on the generated demo data
-    assert demo.overrides == {"data.hflip": 0.0, "data.min_scale": 0.6, "train.epochs": 20}
+    assert demo.overrides == {"data.image_size": 128, "data.hflip": 0.0, "data.min_scale": 0.6, "train.epochs": 20}
     assert demo.default_root(create=False).name.startswith("demo-digits-v")
     with pytest.raises(ValueError, match="unknown preset 'office'"):
         get_preset("office")
