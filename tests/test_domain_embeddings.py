@@ -5,6 +5,7 @@ a rank killed with ``kill -9`` mid-way leaves finished chunks that the rerun kee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -143,9 +144,19 @@ def test_killed_rank_rerun_redoes_only_unfinished_chunks(
         while not first.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "rank 1 wrote no chunk"
             time.sleep(0.002)
+        # Freeze both ranks at once, so no chunk is written while rank 1 is looked up (a loaded machine could
+        # otherwise let them finish the domain before the kill); then kill rank 1 and let rank 0 go on.
+        workers = _descendants(proc.pid)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         victim = _rank_pid(proc.pid, 1)
         assert victim is not None, "rank 1 not found"
         os.kill(victim, signal.SIGKILL)
+        for pid in workers:
+            if pid != victim:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         assert proc.wait(timeout=120) != 0  # torchrun stops the other rank and fails
     finally:
         if proc.poll() is None:
